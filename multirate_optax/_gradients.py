@@ -1,0 +1,100 @@
+"""Gradients restricted to the active parameters.
+
+The inactive leaves are closed over as constants of the differentiated
+function, so autodiff builds no backward pass for them: no weight gradients,
+and no backpropagation into layers whose every parameter is inactive. Their
+gradients are returned as zeros, so optimizers see the usual full tree.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+def check_loss_signature(loss_fn: Callable[..., Any], num_args: int) -> None:
+  """Raises a clear TypeError if ``loss_fn(params, *args)`` cannot be called."""
+  try:
+    signature = inspect.signature(loss_fn)
+  except (TypeError, ValueError):
+    return  # Builtins and some callables have no signature to check.
+  try:
+    signature.bind(None, *([None] * num_args))
+  except TypeError as e:
+    raise TypeError(
+        f"loss_fn{signature} cannot be called as loss_fn(params, *args) with "
+        f"{num_args} argument(s) after params, as the train step calls it: "
+        f"{e}.") from None
+
+
+def _checked_loss(loss_fn: Callable[..., Any], has_aux: bool):
+  def loss(params, *args):
+    out = loss_fn(params, *args)
+    if has_aux:
+      if not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError(
+            "with has_aux=True, loss_fn must return (loss, aux), got "
+            f"{type(out).__name__}.")
+      value = out[0]
+    else:
+      value = out
+    shape = getattr(value, "shape", None)
+    if shape != ():
+      found = (f"a {type(value).__name__}" if shape is None
+               else f"an array of shape {shape}")
+      hint = ("" if has_aux or not isinstance(out, tuple)
+              else "; if it returns (loss, aux), pass has_aux=True")
+      raise TypeError(
+          f"loss_fn must return a scalar loss, got {found}{hint}.")
+    return out
+
+  return loss
+
+
+def value_and_active_grad(
+    loss_fn: Callable[..., Any],
+    active: Sequence[bool],
+    has_aux: bool,
+) -> Callable[..., tuple[Any, PyTree]]:
+  """Like ``jax.value_and_grad``, differentiating only the active leaves.
+
+  Args:
+    loss_fn: ``loss_fn(params, *args) -> loss`` or ``(loss, aux)``.
+    active: for each leaf of ``params`` (``jax.tree.leaves`` order), whether
+      to differentiate with respect to it.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    ``f(params, *args) -> (value, grads)`` where ``value`` is what ``loss_fn``
+    returns and ``grads`` has the structure of ``params``, with zeros for the
+    inactive leaves.
+  """
+  active = tuple(active)
+  loss = _checked_loss(loss_fn, has_aux)
+
+  def value_and_grad(params, *args):
+    leaves, treedef = jax.tree.flatten(params)
+    if len(leaves) != len(active):
+      raise ValueError(
+          f"params has {len(leaves)} leaves, the schedule's labels {len(active)}.")
+
+    def restricted_loss(active_leaves, *args):
+      it = iter(active_leaves)
+      merged = [next(it) if a else leaf for leaf, a in zip(leaves, active)]
+      return loss(jax.tree.unflatten(treedef, merged), *args)
+
+    active_leaves = [leaf for leaf, a in zip(leaves, active) if a]
+    value, active_grads = jax.value_and_grad(restricted_loss, has_aux=has_aux)(
+        active_leaves, *args)
+    it = iter(active_grads)
+    grads = [next(it) if a else jnp.zeros_like(leaf)
+             for leaf, a in zip(leaves, active)]
+    return value, jax.tree.unflatten(treedef, grads)
+
+  return value_and_grad
