@@ -1,0 +1,251 @@
+"""Step speed of multirate training against plain optax, in one process run.
+
+For a ResNet-style conv net and a transformer encoder, each with a small
+classification head (the fast part), this measures the median time per step
+of: a full step (plain optax, gradients of all parameters), a fast-only step
+(plain optax, gradients and updates of the head only), and multirate steps with
+``'cond'`` and ``'host'`` dispatch for k in {2, 5, 10}. Multirate runs whole
+cycles of k steps, so its time per step is the average over a cycle.
+
+  speedup    = t_full / t_step
+  ideal      = t_full / ((t_full + (k - 1) t_fast) / k)
+  efficiency = speedup / ideal
+
+Run::
+
+  python benchmarks/step_speed.py --quick --json results/step_speed.json
+
+Timings are medians over repeats after warm-up; on a shared 2-core CPU only the
+ratios mean much.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import multirate_optax as mo
+
+PERIODS = (2, 5, 10)
+LEARNING_RATE, MOMENTUM = 0.01, 0.9
+
+
+class ResidualBlock(nn.Module):
+  features: int
+  stride: int
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.Conv(self.features, (3, 3), self.stride, use_bias=False)(x)
+    y = nn.relu(nn.LayerNorm()(y))
+    y = nn.Conv(self.features, (3, 3), use_bias=False)(y)
+    y = nn.LayerNorm()(y)
+    if x.shape != y.shape:
+      x = nn.Conv(self.features, (1, 1), self.stride, use_bias=False)(x)
+    return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+  """A small ResNet: stem, three stages of two residual blocks, a dense head."""
+
+  num_classes: int = 10
+
+  def setup(self):
+    self.stem = nn.Conv(32, (3, 3), use_bias=False)
+    self.stages = [
+        nn.Sequential([ResidualBlock(f, s), ResidualBlock(f, 1)])
+        for f, s in ((32, 1), (64, 2), (128, 2))]
+    self.head = nn.Dense(self.num_classes)
+
+  def __call__(self, x):
+    x = nn.relu(self.stem(x))
+    for stage in self.stages:
+      x = stage(x)
+    return self.head(jnp.mean(x, axis=(1, 2)))
+
+
+class EncoderLayer(nn.Module):
+  d_model: int
+  heads: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = x + nn.MultiHeadDotProductAttention(self.heads)(nn.LayerNorm()(x))
+    y = nn.Dense(4 * self.d_model)(nn.LayerNorm()(x))
+    return x + nn.Dense(self.d_model)(nn.gelu(y))
+
+
+class Transformer(nn.Module):
+  """A pre-norm transformer encoder over tokens, mean-pooled into a dense head."""
+
+  vocab: int = 1000
+  length: int = 64
+  d_model: int = 128
+  heads: int = 4
+  layers: int = 4
+  num_classes: int = 10
+
+  def setup(self):
+    self.embed = nn.Embed(self.vocab, self.d_model)
+    self.position = self.param(
+        "position", nn.initializers.normal(0.02), (self.length, self.d_model))
+    self.encoder = [EncoderLayer(self.d_model, self.heads)
+                    for _ in range(self.layers)]
+    self.head = nn.Dense(self.num_classes)
+
+  def __call__(self, tokens):
+    x = self.embed(tokens) + self.position
+    for layer in self.encoder:
+      x = layer(x)
+    return self.head(jnp.mean(x, axis=1))
+
+
+def make_problem(name: str, batch_size: int, seed: int = 0):
+  """Returns (module, params, batch) for model ``name``."""
+  rng = np.random.default_rng(seed)
+  if name == "resnet":
+    module = ResNet()
+    inputs = jnp.asarray(rng.normal(size=(batch_size, 32, 32, 3)), jnp.float32)
+  elif name == "transformer":
+    module = Transformer()
+    inputs = jnp.asarray(rng.integers(0, module.vocab, (batch_size, module.length)))
+  else:
+    raise ValueError(name)
+  labels = jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)
+  params = module.init(jax.random.key(seed), inputs[:1])["params"]
+  return module, params, (inputs, labels)
+
+
+def make_loss(module: nn.Module) -> Callable[..., jax.Array]:
+  def loss_fn(params, batch):
+    inputs, labels = batch
+    logits = module.apply({"params": params}, inputs)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  return loss_fn
+
+
+def plain_step(loss_fn, tx, fast_only: bool):
+  """Plain optax: gradients of all parameters, or of the head alone."""
+
+  def step(params, opt_state, batch):
+    if fast_only:
+      head_loss = lambda head: loss_fn({**params, "head": head}, batch)
+      loss, grads = jax.value_and_grad(head_loss)(params["head"])
+      updates, opt_state = tx.update(grads, opt_state, params["head"])
+      return {**params, "head": optax.apply_updates(params["head"], updates)}, opt_state, loss
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def time_per_step(step, params, opt_state, batch, steps_per_repeat: int,
+                  repeats: int) -> tuple[float, Any, Any]:
+  """Median over ``repeats`` of the mean time per step of a block of steps.
+
+  Runs one warm-up block first (compilation of every program it needs).
+  """
+  times = []
+  for repeat in range(repeats + 1):
+    jax.block_until_ready((params, opt_state))
+    start = time.perf_counter()
+    for _ in range(steps_per_repeat):
+      params, opt_state, loss = step(params, opt_state, batch)
+    jax.block_until_ready(loss)
+    if repeat:
+      times.append((time.perf_counter() - start) / steps_per_repeat)
+  return statistics.median(times), params, opt_state
+
+
+def copy(tree):
+  return jax.tree.map(jnp.array, tree)
+
+
+def bench_model(name: str, batch_size: int, repeats: int, cycles: int,
+                dispatches: tuple[str, ...], periods: tuple[int, ...]) -> list[dict]:
+  module, params, batch = make_problem(name, batch_size)
+  loss_fn = make_loss(module)
+  tx = optax.sgd(LEARNING_RATE, momentum=MOMENTUM)
+  block = max(periods) * cycles
+
+  t_full, _, _ = time_per_step(plain_step(loss_fn, tx, False), copy(params),
+                               tx.init(params), batch, block, repeats)
+  t_fast, _, _ = time_per_step(plain_step(loss_fn, tx, True), copy(params),
+                               tx.init(params["head"]), batch, block, repeats)
+  rows = []
+  for dispatch in dispatches:
+    for k in periods:
+      multi = mo.multirate(optax.sgd(LEARNING_RATE / k, momentum=MOMENTUM),
+                           labels=mo.fast_by_path("^head/"), period=k)
+      step = mo.train_step(loss_fn, multi, dispatch=dispatch)
+      t_step, _, _ = time_per_step(step, copy(params), multi.init(params), batch,
+                                   k * cycles, repeats)
+      ideal = t_full / ((t_full + (k - 1) * t_fast) / k)
+      speedup = t_full / t_step
+      rows.append(dict(model=name, dispatch=dispatch, k=k,
+                       t_full_ms=1e3 * t_full, t_fast_ms=1e3 * t_fast,
+                       t_step_ms=1e3 * t_step, speedup=speedup, ideal=ideal,
+                       efficiency=speedup / ideal))
+      print_row(rows[-1])
+  return rows
+
+
+HEADER = (f"{'model':<12} {'dispatch':<8} {'k':>3} {'t_full ms':>10} "
+          f"{'t_fast ms':>10} {'t_step ms':>10} {'speedup':>8} {'ideal':>6} "
+          f"{'eff.':>6}")
+
+
+def print_row(r: dict) -> None:
+  print(f"{r['model']:<12} {r['dispatch']:<8} {r['k']:>3} {r['t_full_ms']:>10.1f} "
+        f"{r['t_fast_ms']:>10.1f} {r['t_step_ms']:>10.1f} {r['speedup']:>8.2f} "
+        f"{r['ideal']:>6.2f} {r['efficiency']:>6.3f}", flush=True)
+
+
+def main(argv=None) -> list[dict]:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="fewer repeats and cycles (whole run < 3 minutes)")
+  parser.add_argument("--json", type=Path, help="write the rows to this file")
+  parser.add_argument("--models", nargs="+", default=["resnet", "transformer"])
+  parser.add_argument("--dispatch", nargs="+", default=["cond", "host"],
+                      choices=["cond", "host"])
+  parser.add_argument("--periods", nargs="+", type=int, default=list(PERIODS))
+  parser.add_argument("--batch-size", type=int, default=32)
+  args = parser.parse_args(argv)
+  repeats, cycles = (3, 1) if args.quick else (7, 2)
+
+  auto = mo.resolve_dispatch("auto")
+  print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
+        f"devices {jax.devices()}, 'auto' dispatch = {auto!r}, "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  print(HEADER)
+  rows = []
+  for name in args.models:
+    rows += bench_model(name, args.batch_size, repeats, cycles,
+                        tuple(args.dispatch), tuple(args.periods))
+  for r in rows:
+    r["auto"] = r["dispatch"] == auto
+  if args.json:
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(
+        dict(backend=jax.default_backend(), auto_dispatch=auto,
+             jax_version=jax.__version__, quick=args.quick, rows=rows), indent=1))
+    print(f"wrote {args.json}")
+  return rows
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,33 @@
+"""Package-level promises: no global configuration on import, README example runs."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_sets_no_jax_configuration_or_flags():
+  script = """
+import os, jax
+before = (dict(jax.config.values), dict(os.environ))
+import multirate_optax
+after = (dict(jax.config.values), dict(os.environ))
+changed = [k for k in before[0] if before[0][k] != after[0][k]]
+changed += [k for k in set(before[1]) | set(after[1]) if before[1].get(k) != after[1].get(k)]
+print(changed)
+"""
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                       text=True, check=True)
+  assert out.stdout.strip() == "[]"
+
+
+def test_readme_usage_example_runs():
+  readme = (ROOT / "README.md").read_text()
+  code = re.search(r"## Usage\n\n```python\n(.*?)```", readme, re.S).group(1)
+  namespace: dict = {}
+  exec(compile(code, "README.md", "exec"), namespace)
+  assert float(namespace["loss"]) < 1.0
+  # The body moved on slow steps only (t = 0, 5), the head every step.
+  assert namespace["opt_state"].count == 10
