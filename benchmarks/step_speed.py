@@ -175,7 +175,8 @@ def copy(tree):
 
 
 def bench_model(name: str, batch_size: int, repeats: int, cycles: int,
-                dispatches: tuple[str, ...], periods: tuple[int, ...]) -> list[dict]:
+                dispatches: tuple[str, ...], periods: tuple[int, ...],
+                cond_periods: tuple[int, ...], cond_repeats: int) -> list[dict]:
   module, params, batch = make_problem(name, batch_size)
   loss_fn = make_loss(module)
   tx = optax.sgd(LEARNING_RATE, momentum=MOMENTUM)
@@ -187,12 +188,13 @@ def bench_model(name: str, batch_size: int, repeats: int, cycles: int,
                                tx.init(params["head"]), batch, block, repeats)
   rows = []
   for dispatch in dispatches:
-    for k in periods:
+    for k in cond_periods if dispatch == "cond" else periods:
       multi = mo.multirate(optax.sgd(LEARNING_RATE / k, momentum=MOMENTUM),
                            labels=mo.fast_by_path("^head/"), period=k)
       step = mo.train_step(loss_fn, multi, dispatch=dispatch)
-      t_step, _, _ = time_per_step(step, copy(params), multi.init(params), batch,
-                                   k * cycles, repeats)
+      t_step, _, _ = time_per_step(
+          step, copy(params), multi.init(params), batch, k * cycles,
+          cond_repeats if dispatch == "cond" else repeats)
       ideal = t_full / ((t_full + (k - 1) * t_fast) / k)
       speedup = t_full / t_step
       rows.append(dict(model=name, dispatch=dispatch, k=k,
@@ -223,9 +225,16 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--dispatch", nargs="+", default=["cond", "host"],
                       choices=["cond", "host"])
   parser.add_argument("--periods", nargs="+", type=int, default=list(PERIODS))
+  parser.add_argument("--cond-periods", nargs="+", type=int,
+                      help="periods measured with 'cond' dispatch (default: "
+                      "--periods; with --quick on CPU only 5, since a conv "
+                      "net's slow step inside lax.cond takes seconds there)")
   parser.add_argument("--batch-size", type=int, default=32)
   args = parser.parse_args(argv)
   repeats, cycles = (3, 1) if args.quick else (7, 2)
+  slow_cond = args.quick and jax.default_backend() == "cpu"
+  cond_periods = args.cond_periods or ([5] if slow_cond else args.periods)
+  cond_repeats = 1 if slow_cond else repeats
 
   auto = mo.resolve_dispatch("auto")
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
@@ -235,7 +244,8 @@ def main(argv=None) -> list[dict]:
   rows = []
   for name in args.models:
     rows += bench_model(name, args.batch_size, repeats, cycles,
-                        tuple(args.dispatch), tuple(args.periods))
+                        tuple(args.dispatch), tuple(args.periods),
+                        tuple(cond_periods), cond_repeats)
   for r in rows:
     r["auto"] = r["dispatch"] == auto
   if args.json:

@@ -118,7 +118,7 @@ def _classifier(num_classes: int) -> nn.Dense:
   return nn.Dense(num_classes)
 
 
-class ConvBatchNorm(nn.Module):
+class _ConvBatchNorm(nn.Module):
   """Convolution without bias, BatchNorm, then ReLU6 if ``activation``.
 
   Attributes:
@@ -152,7 +152,7 @@ class ConvBatchNorm(nn.Module):
     return nn.relu6(x) if self.activation else x
 
 
-class MBConvBlock(nn.Module):
+class _MBConvBlock(nn.Module):
   """Inverted residual block: 1x1 expand, depthwise conv, 1x1 project.
 
   Attributes:
@@ -170,11 +170,11 @@ class MBConvBlock(nn.Module):
     hidden = config.input_features * config.expand_ratio
     x = inputs
     if config.expand_ratio != 1:
-      x = ConvBatchNorm(hidden, 1, name="expand")(x, train)
-    x = ConvBatchNorm(hidden, config.kernel_size, config.stride, depthwise=True,
-                      name="depthwise")(x, train)
-    x = ConvBatchNorm(config.output_features, 1, activation=False,
-                      name="project")(x, train)
+      x = _ConvBatchNorm(hidden, 1, name="expand")(x, train)
+    x = _ConvBatchNorm(hidden, config.kernel_size, config.stride,
+                       depthwise=True, name="depthwise")(x, train)
+    x = _ConvBatchNorm(config.output_features, 1, activation=False,
+                       name="project")(x, train)
     if config.stride == 1 and config.input_features == config.output_features:
       # One keep/drop draw per example, rescaled by 1/keep like PyTorch's.
       x = nn.Dropout(self.drop_connect_rate, broadcast_dims=(1, 2, 3))(
@@ -189,36 +189,46 @@ class EfficientNetLite0(nn.Module):
   Attributes:
     num_classes: outputs of the classifier.
     dropout_rate: dropout on the pooled features, before the classifier.
-    drop_connect_rate: stochastic depth rate of the last block; block ``i``
-      uses ``drop_connect_rate * i / 16``, as in the PyTorch port.
+    drop_connect_rate: stochastic depth: block ``i`` drops its residual
+      branch for an example with probability ``drop_connect_rate * i / 16``,
+      as in the PyTorch port.
 
   Example:
     >>> import jax, jax.numpy as jnp
     >>> from multirate_optax.models import EfficientNetLite0
     >>> model = EfficientNetLite0(num_classes=10)
-    >>> images = jnp.zeros((2, 32, 32, 3))
-    >>> variables = model.init(jax.random.key(0), images)
-    >>> model.apply(variables, images).shape
-    (2, 10)
-    >>> # Fine-tuning with BatchNorm frozen (running averages) but dropout on:
-    >>> logits = model.apply(variables, images, train=False,
-    ...                      deterministic=False,
-    ...                      rngs={'dropout': jax.random.key(1)})
-    >>> # Training BatchNorm too: batch statistics, updated running averages.
-    >>> logits, updates = model.apply(
-    ...     variables, images, train=True, rngs={'dropout': jax.random.key(1)},
-    ...     mutable=['batch_stats'])
+    >>> images = jnp.zeros((8, 32, 32, 3))
+    >>> # Shapes only here: model.init(key, images) takes seconds to compile on
+    >>> # CPU; load_pretrained_efficientnet_lite0 gives trained variables.
+    >>> variables = jax.eval_shape(model.init, jax.random.key(0), images)
+    >>> variables['params']['classifier']['kernel'].shape
+    (1280, 10)
+    >>> # Inference: BatchNorm running averages, no dropout.
+    >>> jax.eval_shape(model.apply, variables, images).shape
+    (8, 10)
+    >>> # Fine-tuning with BatchNorm frozen: running averages, dropout on.
+    >>> frozen_bn = lambda v, x, key: model.apply(
+    ...     v, x, train=False, deterministic=False, rngs={'dropout': key})
+    >>> jax.eval_shape(frozen_bn, variables, images, jax.random.key(1)).shape
+    (8, 10)
+    >>> # Training BatchNorm too: batch statistics, running averages updated.
+    >>> train_bn = lambda v, x, key: model.apply(
+    ...     v, x, train=True, rngs={'dropout': key}, mutable=['batch_stats'])
+    >>> logits, updates = jax.eval_shape(train_bn, variables, images,
+    ...                                  jax.random.key(1))
+    >>> sorted(updates)
+    ['batch_stats']
   """
   num_classes: int = IMAGENET_CLASSES
   dropout_rate: float = 0.2
   drop_connect_rate: float = 0.2
 
   def setup(self):
-    self.stem = ConvBatchNorm(STEM_FEATURES, 3, 2)
+    self.stem = _ConvBatchNorm(STEM_FEATURES, 3, 2)
     self.blocks = [
-        MBConvBlock(config, self.drop_connect_rate * i / len(BLOCKS))
+        _MBConvBlock(config, self.drop_connect_rate * i / len(BLOCKS))
         for i, config in enumerate(BLOCKS)]
-    self.head = ConvBatchNorm(HEAD_FEATURES, 1)
+    self.head = _ConvBatchNorm(HEAD_FEATURES, 1)
     self.dropout = nn.Dropout(self.dropout_rate)
     self.classifier = _classifier(self.num_classes)
 
@@ -230,8 +240,10 @@ class EfficientNetLite0(nn.Module):
       images: float array of shape (batch, height, width, 3), normalised with
         the ImageNet mean and standard deviation.
       train: BatchNorm uses the batch's statistics and updates its running
-        averages (pass ``mutable=['batch_stats']``); when False it uses the
-        running averages, i.e. BatchNorm is frozen in inference mode.
+        averages (pass ``mutable=['batch_stats']``; the running variance
+        moves towards the biased batch variance, where PyTorch uses the
+        unbiased one); when False it uses the running averages, i.e.
+        BatchNorm is frozen in inference mode.
       deterministic: turns dropout and stochastic depth off; defaults to
         ``not train``. When False, ``apply`` needs ``rngs={'dropout': key}``.
 
@@ -267,19 +279,20 @@ def replace_classifier(
       LeCun-normal kernel, zero bias).
 
   Returns:
-    ``(model, variables)``: a copy of ``model`` with ``num_classes`` outputs and the variables with only ``params['classifier']`` replaced (it
-    stays the last top-level entry).
+    ``(model, variables)``: a copy of ``model`` with ``num_classes`` outputs,
+    and the variables with only ``params['classifier']`` replaced (it stays
+    the last top-level entry).
 
   Example:
     >>> import jax, jax.numpy as jnp
     >>> from multirate_optax.models import EfficientNetLite0, replace_classifier
-    >>> images = jnp.zeros((1, 32, 32, 3))
     >>> model = EfficientNetLite0()
-    >>> variables = model.init(jax.random.key(0), images)
+    >>> variables = jax.eval_shape(  # stands for pretrained variables
+    ...     model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     >>> model, variables = replace_classifier(model, variables, 10,
     ...                                       jax.random.key(1))
-    >>> model.apply(variables, images).shape
-    (1, 10)
+    >>> model.num_classes, variables['params']['classifier']['kernel'].shape
+    (10, (1280, 10))
   """
   if isinstance(num_classes, bool) or not isinstance(num_classes, int) or (
       num_classes < 1):

@@ -1,0 +1,191 @@
+"""A small image-classification task from scikit-learn's bundled digits, and minibatches.
+
+:func:`load_digits_splits` turns the 1,797 8x8 grey digits that ship inside
+scikit-learn into RGB images of a chosen size, normalised like ImageNet inputs
+so that an ImageNet-pretrained network can be fine-tuned on them, split into
+train/validation/test sets with the same class proportions. No download.
+
+:func:`shuffled_batches` serves any ``(images, labels)`` arrays, these or a
+user's own, as minibatches of one fixed size, so a jitted step never
+recompiles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import jax
+import numpy as np
+import sklearn.datasets
+import sklearn.model_selection
+
+# Per-channel statistics of ImageNet's training images (RGB, values in [0, 1]),
+# the normalisation torchvision's pretrained models expect.
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+NUM_DIGIT_CLASSES = 10
+_DIGITS_MAX_VALUE = 16.0  # The digits' pixel counts range over 0..16.
+
+
+class Dataset(NamedTuple):
+  """Examples of one split.
+
+  Attributes:
+    images: float32, shape (n, size, size, 3), ImageNet-normalised.
+    labels: int32, shape (n,).
+  """
+  images: np.ndarray
+  labels: np.ndarray
+
+
+class DigitsSplits(NamedTuple):
+  """The three disjoint splits of the digits."""
+  train: Dataset
+  validation: Dataset
+  test: Dataset
+
+
+def digits_to_images(digits: np.ndarray, image_size: int) -> np.ndarray:
+  """Grey 8x8 digits (values 0..16) to ImageNet-normalised RGB images.
+
+  Args:
+    digits: shape (n, 8, 8).
+    image_size: side of the output images; bilinear up-sampling.
+
+  Returns:
+    float32 array of shape (n, image_size, image_size, 3).
+
+  Example:
+    >>> import numpy as np
+    >>> from multirate_optax.data import (
+    ...     IMAGENET_MEAN, IMAGENET_STD, digits_to_images)
+    >>> images = digits_to_images(np.full((2, 8, 8), 16.0), 32)
+    >>> images.shape
+    (2, 32, 32, 3)
+    >>> bool(np.allclose(images * IMAGENET_STD + IMAGENET_MEAN, 1.0))
+    True
+  """
+  grey = np.asarray(digits, np.float32) / _DIGITS_MAX_VALUE
+  if grey.ndim != 3:
+    raise ValueError(
+        f"digits must have shape (n, height, width), got {grey.shape}.")
+  resized = np.asarray(jax.image.resize(
+      grey, (len(grey), image_size, image_size), method="linear"))
+  # Bilinear interpolation stays within the inputs' range up to rounding.
+  resized = np.clip(resized, 0.0, 1.0)
+  return (resized[..., None] - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def _split_size(fraction: float, total: int, name: str) -> int:
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(f"{name} must be a fraction in (0, 1), got {fraction!r}.")
+  size = round(fraction * total)
+  if size < NUM_DIGIT_CLASSES:
+    raise ValueError(
+        f"{name}={fraction} gives {size} of {total} examples, fewer than one "
+        f"per class ({NUM_DIGIT_CLASSES}); a stratified split needs more.")
+  return size
+
+
+def load_digits_splits(
+    image_size: int = 32,
+    validation_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+) -> DigitsSplits:
+  """scikit-learn's digits as a stratified train/validation/test split of RGB images.
+
+  Args:
+    image_size: side of the square images, e.g. 32 or 64 (at least 8).
+    validation_fraction: share of the 1,797 examples in the validation split
+      (rounded to a whole number of examples).
+    test_fraction: share in the test split; the rest is the train split.
+    seed: fixes the split; the same seed always gives the same split.
+
+  Returns:
+    The splits, each with every class in (nearly) the same proportion as in
+    the whole data set.
+
+  Example:
+    >>> from multirate_optax.data import load_digits_splits
+    >>> splits = load_digits_splits(image_size=32, seed=0)
+    >>> splits.train.images.shape, splits.test.labels.shape
+    ((1257, 32, 32, 3), (270,))
+  """
+  if isinstance(image_size, bool) or not isinstance(image_size, int) or (
+      image_size < 8):
+    raise ValueError(f"image_size must be an int >= 8, got {image_size!r}.")
+  digits = sklearn.datasets.load_digits()
+  labels = digits.target.astype(np.int32)
+  total = len(labels)
+  test_size = _split_size(test_fraction, total, "test_fraction")
+  validation_size = _split_size(validation_fraction, total,
+                                "validation_fraction")
+  if test_size + validation_size + NUM_DIGIT_CLASSES > total:
+    raise ValueError(
+        f"validation_fraction={validation_fraction} and test_fraction="
+        f"{test_fraction} leave {total - test_size - validation_size} of "
+        f"{total} examples for training.")
+  random_state = np.random.RandomState(seed)
+  rest, test = sklearn.model_selection.train_test_split(
+      np.arange(total), test_size=test_size, stratify=labels,
+      random_state=random_state)
+  train, validation = sklearn.model_selection.train_test_split(
+      rest, test_size=validation_size, stratify=labels[rest],
+      random_state=random_state)
+  images = digits_to_images(digits.images, image_size)
+  return DigitsSplits(*(Dataset(images[indices], labels[indices])
+                        for indices in (train, validation, test)))
+
+
+def shuffled_batches(
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int = 0,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """One epoch of shuffled minibatches, all of ``batch_size`` examples.
+
+  The order depends only on ``(seed, epoch)``. The last ``n % batch_size``
+  examples of the shuffled order are left out (a different remainder each
+  epoch), so every batch has the same shape.
+
+  Args:
+    images: array with the examples along the first axis.
+    labels: array with as many entries along its first axis.
+    batch_size: examples per batch, 1 to n.
+    seed: seed of the shuffling.
+    epoch: epoch number; each epoch has its own order.
+
+  Returns:
+    An iterator over ``n // batch_size`` pairs ``(images, labels)``.
+
+  Example:
+    >>> import numpy as np
+    >>> from multirate_optax.data import shuffled_batches
+    >>> images, labels = np.zeros((10, 4, 4, 3)), np.arange(10)
+    >>> [b.shape for _, b in shuffled_batches(images, labels, 4, seed=0)]
+    [(4,), (4,)]
+  """
+  images, labels = np.asarray(images), np.asarray(labels)
+  if images.ndim == 0 or labels.ndim == 0 or (
+      images.shape[0] != labels.shape[0]):
+    raise ValueError(
+        "images and labels need the same number of examples along their first "
+        f"axis, got shapes {images.shape} and {labels.shape}.")
+  total = images.shape[0]
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not (
+      1 <= batch_size <= total):
+    raise ValueError(
+        f"batch_size must be an int in [1, {total}] (the number of examples), "
+        f"got {batch_size!r}.")
+  order = np.random.default_rng([seed, epoch]).permutation(total)
+  # A generator expression rather than a generator function, so that the
+  # checks above run at the call, not at the first batch.
+  return ((images[indices], labels[indices])
+          for indices in np.split(order[:total - total % batch_size],
+                                  total // batch_size))
