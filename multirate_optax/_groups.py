@@ -157,6 +157,9 @@ def fast_by_depth(n: int) -> Callable[[PyTree], PyTree]:
   "Last" follows the insertion order of the top-level mapping, which for Flax
   parameters is the order in which the modules were created (so ``Dense_10``
   comes after ``Dense_9``, unlike in ``jax.tree.leaves``' sorted order).
+  JAX transformations (``jit``, ``tree.map``, ``optax.apply_updates``) return
+  dicts with sorted keys, so call ``init`` with the parameters as the model's
+  ``init`` (or a loader) returns them; the labels are resolved there, once.
 
   Args:
     n: how many top-level modules, counted from the end, are fast.
