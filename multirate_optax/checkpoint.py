@@ -1,0 +1,249 @@
+"""Checkpoint and resume of multirate training with orbax-checkpoint.
+
+A checkpoint holds two orbax items: ``'state'``, the whole training state
+pytree (parameters, optimizer state with its multirate count, mutable
+collections, rng keys, ...) saved with ``StandardSave``, and ``'multirate'``,
+JSON metadata naming the schedule (e.g. its period) and the group of every
+parameter leaf. :func:`restore` compares that metadata with the state it
+restores into and refuses a checkpoint written for another schedule or other
+labels: orbax itself would restore such a checkpoint without complaint (the
+same arrays under another period) or leave holes in it (other labels move
+optimizer-state leaves between the fast and slow groups).
+
+The phase of the next step is the multirate count in the optimizer state, so a
+checkpoint taken at any step, in the middle of a cycle too, resumes exactly
+where it stopped. ``'host'`` dispatch needs nothing more: a train step re-reads
+its host-side count from any state it did not return itself, such as a
+restored one.
+
+Example:
+  >>> import tempfile
+  >>> import jax.numpy as jnp, optax
+  >>> import multirate_optax as mo
+  >>> from multirate_optax import checkpoint
+  >>> params = {'body': jnp.ones(3), 'head': jnp.ones(2)}
+  >>> tx = mo.multirate(optax.sgd(0.1), labels={'body': 'slow', 'head': 'fast'},
+  ...                   period=4)
+  >>> state = {'params': params, 'opt_state': tx.init(params)}
+  >>> directory = tempfile.mkdtemp()
+  >>> checkpoint.save(directory, 3, state)
+  True
+  >>> restored = checkpoint.restore(directory, state)
+  >>> int(mo.find_schedule_state(restored['opt_state'])[0].count)
+  0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional, Union
+
+import jax
+import orbax.checkpoint as ocp
+
+from multirate_optax._groups import path_str
+from multirate_optax._schedule import ScheduleState, find_schedule_state
+
+PyTree = Any
+Directory = Union[str, os.PathLike, ocp.CheckpointManager]
+
+STATE_ITEM = "state"
+MULTIRATE_ITEM = "multirate"
+_FORMAT = 1
+
+
+def save(
+    directory: Directory,
+    step: int,
+    state: PyTree,
+    *,
+    schedule_from: Optional[PyTree] = None,
+    force: bool = False,
+) -> bool:
+  """Saves a training state and the identity of its multirate schedule.
+
+  Args:
+    directory: a directory (a :class:`orbax.checkpoint.CheckpointManager` is
+      opened on it and closed once the checkpoint is written), or a
+      ``CheckpointManager`` of yours, whose options (retention, save interval,
+      asynchronous writing) then apply; call its ``wait_until_finished`` before
+      relying on the files.
+    step: the step number the checkpoint is filed under; any step, mid-cycle
+      included.
+    state: the whole training state, any pytree of arrays and scalars holding
+      exactly one :func:`multirate_optax.multirate` state (a ``dict``, a Flax
+      ``TrainState``, ...).
+    schedule_from: where to find the multirate state when ``state`` does not
+      keep it as a pytree node, as ``nnx.state(optimizer)`` does not: pass
+      the ``nnx.Optimizer``. Default: ``state``.
+    force: save even if the manager's options would skip this step.
+
+  Returns:
+    Whether a checkpoint was written (``False`` only when a manager's options
+    skip ``step``).
+  """
+  metadata = _schedule_metadata(state, schedule_from)
+  args = ocp.args.Composite(**{
+      STATE_ITEM: ocp.args.StandardSave(state),
+      MULTIRATE_ITEM: ocp.args.JsonSave(metadata),
+  })
+  if isinstance(directory, ocp.CheckpointManager):
+    return directory.save(step, args=args, force=force)
+  with _open(directory) as manager:
+    return manager.save(step, args=args, force=force)
+
+
+def restore(
+    directory: Directory,
+    target: PyTree,
+    *,
+    step: Optional[int] = None,
+    schedule_from: Optional[PyTree] = None,
+) -> PyTree:
+  """Restores a training state saved by :func:`save`, after checking its schedule.
+
+  Args:
+    directory: the directory or ``CheckpointManager`` given to :func:`save`.
+    target: a training state with the structure of the saved one, built the
+      same way (same optimizer, period and labels): concrete arrays, or
+      ``jax.ShapeDtypeStruct``s. The restored arrays get the target leaves'
+      dtypes and shardings, so a target sharded over a mesh restores sharded.
+    step: the step to restore; default the latest.
+    schedule_from: as in :func:`save`, for a target that does not keep the
+      multirate state as a pytree node.
+
+  Returns:
+    The restored state, with the structure of ``target``.
+
+  Raises:
+    FileNotFoundError: if there is no checkpoint to restore.
+    ValueError: if the checkpoint was written for another schedule (e.g.
+      another period) or with other labels than ``target``'s, or without the
+      multirate metadata.
+  """
+  expected = _schedule_metadata(target, schedule_from)
+  if isinstance(directory, ocp.CheckpointManager):
+    return _restore(directory, target, step, expected)
+  with _open(directory) as manager:
+    return _restore(manager, target, step, expected)
+
+
+def _open(directory: Union[str, os.PathLike]) -> ocp.CheckpointManager:
+  directory = os.fspath(directory)
+  if "://" not in directory:  # Orbax wants local paths absolute.
+    directory = os.path.abspath(directory)
+  return ocp.CheckpointManager(directory)
+
+
+def _restore(manager: ocp.CheckpointManager, target: PyTree,
+             step: Optional[int], expected: dict[str, Any]) -> PyTree:
+  if step is None:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {manager.directory}.")
+  where = f"the checkpoint of step {step} in {manager.directory}"
+  try:
+    found = manager.restore(step, args=ocp.args.Composite(**{
+        MULTIRATE_ITEM: ocp.args.JsonRestore()}))[MULTIRATE_ITEM]
+  except KeyError as e:  # Orbax's error for an item the checkpoint lacks.
+    if MULTIRATE_ITEM not in str(e):
+      raise
+    raise ValueError(
+        f"{where} has no {MULTIRATE_ITEM!r} item: it was not written by "
+        "multirate_optax.checkpoint.save, so its schedule cannot be "
+        "checked.") from e
+  _check_same_schedule(expected, found, where)
+  return manager.restore(step, args=ocp.args.Composite(**{
+      STATE_ITEM: ocp.args.StandardRestore(target)}))[STATE_ITEM]
+
+
+def _schedule_metadata(state: PyTree,
+                       schedule_from: Optional[PyTree]) -> dict[str, Any]:
+  """The JSON description of the multirate schedule in ``state``."""
+  try:
+    schedule_state, _ = find_schedule_state(
+        state if schedule_from is None else schedule_from)
+  except ValueError as e:
+    raise ValueError(
+        f"{e} For a state that keeps no pytree node for it (such as "
+        "nnx.state(optimizer)), pass schedule_from=<the nnx.Optimizer>.") from None
+  return {
+      "format": _FORMAT,
+      "schedule": _schedule_description(schedule_state),
+      "labels": list(schedule_state.labels),
+      "paths": _parameter_paths(state, len(schedule_state.labels)),
+  }
+
+
+def _schedule_description(schedule_state: ScheduleState) -> dict[str, Any]:
+  schedule = schedule_state.schedule
+  if dataclasses.is_dataclass(schedule):
+    fields = {f.name: getattr(schedule, f.name)
+              for f in dataclasses.fields(schedule)}
+  else:
+    fields = {"repr": repr(schedule)}
+  fields = {name: value if isinstance(value, (bool, int, float, str))
+            else repr(value) for name, value in fields.items()}
+  return {"type": type(schedule).__qualname__, "fields": fields}
+
+
+def _parameter_paths(state: PyTree, num_leaves: int) -> Optional[list[str]]:
+  """The leaf paths of ``state``'s parameters, to name them in errors.
+
+  The parameters are the first subtree under a key or attribute ``params``
+  (a dict entry, a ``TrainState`` field) with one leaf per label; ``None`` if
+  there is none, and leaves are then named by their index.
+  """
+  groups: dict[tuple[Any, ...], list[str]] = {}
+  for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]:
+    for i, key in enumerate(path):
+      name = getattr(key, "key", getattr(key, "name", None))
+      if name == "params":
+        groups.setdefault(path[:i + 1], []).append(path_str(path[i + 1:]))
+        break
+  for paths in groups.values():
+    if len(paths) == num_leaves:
+      return paths
+  return None
+
+
+def _describe(schedule: dict[str, Any]) -> str:
+  fields = ", ".join(f"{name}={value!r}"
+                     for name, value in schedule["fields"].items())
+  return f"{schedule['type']}({fields})"
+
+
+def _check_same_schedule(expected: dict[str, Any], found: dict[str, Any],
+                         where: str) -> None:
+  """Raises a ValueError naming what differs between two schedule descriptions."""
+  if found.get("format") != _FORMAT:
+    raise ValueError(
+        f"{where} holds multirate metadata of format {found.get('format')!r}; "
+        f"this version reads format {_FORMAT}.")
+  if found["schedule"] != expected["schedule"]:
+    raise ValueError(
+        f"{where} was written with another schedule: expected "
+        f"{_describe(expected['schedule'])} (the target state's), found "
+        f"{_describe(found['schedule'])} in the checkpoint. Restore it into a "
+        "state whose optimizer is built with the same multirate period as the "
+        "run that wrote it.")
+  want, got = expected["labels"], found["labels"]
+  if want == got:
+    return
+  if len(want) != len(got):
+    raise ValueError(
+        f"{where} was written with labels for {len(got)} parameter leaves; "
+        f"the target state has {len(want)}.")
+  paths = expected["paths"] or found["paths"]
+  names = [repr(p) for p in paths] if paths else [
+      f"leaf {i}" for i in range(len(want))]
+  differ = [i for i, (w, g) in enumerate(zip(want, got)) if w != g]
+  details = "; ".join(
+      f"{names[i]}: expected {want[i]!r}, found {got[i]!r}" for i in differ[:5])
+  raise ValueError(
+      f"{where} was written with other labels: {len(differ)} of {len(want)} "
+      f"parameter leaves are in another group ({details}"
+      f"{'; ...' if len(differ) > 5 else ''}). 'expected' is the target "
+      "state's label, 'found' the checkpoint's; build the optimizer with the "
+      "labels of the run that wrote it.")
