@@ -4,15 +4,32 @@ Update different parts of a network at different rates, and do no backward
 work for the parts that are not being updated on a step.
 """
 
+from multirate_optax._freezeout import (
+    CostEstimate, FreezeOutSchedule, estimate_saving, freezeout, keep_frozen,
+    layers_by_module)
 from multirate_optax._groups import fast_by_depth, fast_by_path, path_str
+from multirate_optax._random_subgroups import (
+    RandomSubgroupsSchedule, RandomSubgroupsState, full_weights,
+    random_subgroups)
 from multirate_optax._multirate import SlowState, in_slow_steps, multirate
 from multirate_optax._schedule import (
     MultirateSchedule, Schedule, ScheduleState, find_schedule_state)
 from multirate_optax._train_step import TrainStep, resolve_dispatch, train_step
+from multirate_optax import linen, nnx  # Flax Linen and NNX integrations.
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "CostEstimate",
+    "FreezeOutSchedule",
+    "RandomSubgroupsSchedule",
+    "RandomSubgroupsState",
+    "estimate_saving",
+    "freezeout",
+    "full_weights",
+    "keep_frozen",
+    "layers_by_module",
+    "random_subgroups",
     "MultirateSchedule",
     "Schedule",
     "ScheduleState",
@@ -22,7 +39,9 @@ __all__ = (
     "fast_by_path",
     "find_schedule_state",
     "in_slow_steps",
+    "linen",
     "multirate",
+    "nnx",
     "path_str",
     "resolve_dispatch",
     "train_step",

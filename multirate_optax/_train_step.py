@@ -10,7 +10,7 @@ import jax
 import optax
 
 from multirate_optax._gradients import check_loss_signature, value_and_active_grad
-from multirate_optax._schedule import ScheduleState, find_schedule_state
+from multirate_optax._schedule import Schedule, find_schedule_state
 
 PyTree = Any
 Dispatch = Literal["auto", "cond", "host"]
@@ -70,8 +70,7 @@ class TrainStep:
     self._phase_program = jax.jit(
         self.apply_phase, static_argnums=0,
         donate_argnums=tuple(i + 1 for i in donate_argnums))
-    self._host_count: Optional[int] = None
-    self._last_count: Optional[jax.Array] = None
+    self._host_count = HostCount()
 
   def apply_phase(self, phase: int, params: PyTree, opt_state: PyTree, *args):
     """The uncompiled step of one phase (``phase`` is a static int)."""
@@ -112,7 +111,30 @@ class TrainStep:
     if self.dispatch == "cond":
       return self._cond_program(params, opt_state, *args)
     schedule_state, inside_skipping = find_schedule_state(opt_state)
-    if schedule_state.count is not self._last_count:
+    phase = self._host_count.phase(
+        schedule_state.schedule, schedule_state.count, inside_skipping)
+    params, opt_state, value = self._phase_program(
+        phase, params, opt_state, *args)
+    self._host_count.advance(find_schedule_state(opt_state)[0].count)
+    return params, opt_state, value
+
+
+class HostCount:
+  """A host-side copy of a schedule's count, for ``'host'`` dispatch.
+
+  The count is read from the device only when the state passed in does not
+  hold the count array this copy last recorded (the first call, a restored
+  checkpoint, a state from elsewhere); otherwise it is advanced on the host.
+  """
+
+  def __init__(self):
+    self._count: Optional[int] = None
+    self._last: Optional[jax.Array] = None
+
+  def phase(self, schedule: Schedule, count: jax.Array,
+            inside_skipping: bool) -> int:
+    """The phase of the step about to run, whose state holds ``count``."""
+    if count is not self._last:
       if inside_skipping:
         raise ValueError(
             "'host' dispatch counts steps on the host, but the multirate state "
@@ -120,13 +142,13 @@ class TrainStep:
             "or optax.MultiSteps), whose skipped steps would desynchronise "
             "that count: use dispatch='cond', or put the wrapper inside the "
             "fast/slow optimizers of multirate.")
-      self._host_count = int(schedule_state.count)
-    phase = schedule_state.schedule.phase(self._host_count)
-    params, opt_state, value = self._phase_program(
-        phase, params, opt_state, *args)
-    self._host_count += 1
-    self._last_count = find_schedule_state(opt_state)[0].count
-    return params, opt_state, value
+      self._count = int(count)
+    return schedule.phase(self._count)
+
+  def advance(self, count: jax.Array) -> None:
+    """Records one step done, and the count array of the state it returned."""
+    self._count += 1
+    self._last = count
 
 
 def train_step(

@@ -1,8 +1,5 @@
 """The compiled train step: trajectories, restricted backward pass, dispatch."""
 
-import contextlib
-import re
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -11,27 +8,11 @@ import optax
 import pytest
 
 import multirate_optax as mo
+from _probes import count_compilations, count_host_reads, hlo_op_count
 from _models import HEAD_FAST, batches, is_fast, mlp_loss, mlp_params
 from _reference import multirate_sgd
 
 H, MU, STEPS = 0.2, 0.9, 22
-
-
-@contextlib.contextmanager
-def count_compilations():
-  """Counts XLA backend compilations inside the block."""
-  count = [0]
-
-  def listener(event, duration, **kwargs):
-    del duration, kwargs
-    if event == "/jax/core/compile/backend_compile_duration":
-      count[0] += 1
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield count
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def train(step, params, opt_state, data):
@@ -86,11 +67,6 @@ def test_period_one_is_plain_optax_training_bitwise(dispatch, make_inner):
   chex.assert_trees_all_equal(got, want)
 
 
-def hlo_op_count(lowered, op):
-  text = lowered.compile().as_text()
-  return len(re.findall(rf"= \S+ {op}\(", text))
-
-
 def test_fast_program_has_no_backward_work_for_slow_layers():
   params = mlp_params()
   tx = multirate_sgd_tx(4)
@@ -143,9 +119,10 @@ def test_no_device_to_host_transfer_per_step(dispatch):
   data = batches(9)
   for batch in data[:2]:  # compile both programs
     params, opt_state, _ = step(params, opt_state, batch)
-  with jax.transfer_guard_device_to_host("disallow"):
+  with count_host_reads() as reads, jax.transfer_guard_device_to_host("disallow"):
     for batch in data[2:]:
       params, opt_state, loss = step(params, opt_state, batch)
+  assert reads[0] == 0
   assert np.isfinite(float(loss))
 
 

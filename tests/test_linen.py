@@ -1,0 +1,277 @@
+"""Multirate training of Linen models: train state, trajectories, BatchNorm and dropout."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import multirate_optax as mo
+from _models import batches, is_fast, mlp_loss, mlp_params
+from _reference import multirate_sgd
+from _probes import count_compilations, count_host_reads
+
+H, MU, STEPS = 0.2, 0.9, 22
+NAMES = ("layer0", "layer1", "head")
+
+
+class MLP(nn.Module):
+  """The MLP of tests/_models.py as a Linen module."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.tanh(nn.Dense(16, name="layer0")(x))
+    x = jnp.tanh(nn.Dense(16, name="layer1")(x))
+    return nn.Dense(3, name="head")(x)
+
+
+def linen_params(params):
+  return {name: {"kernel": params[name]["w"], "bias": params[name]["b"]}
+          for name in NAMES}
+
+
+def as_mlp_params(params):
+  return {name: {"w": np.array(params[name]["kernel"]),
+                 "b": np.array(params[name]["bias"])} for name in NAMES}
+
+
+def cross_entropy(logits, y):
+  return -jnp.mean(jnp.take_along_axis(
+      jax.nn.log_softmax(logits), y[:, None], axis=1))
+
+
+def mlp_loss_fn(params, batch_stats, batch, rng):
+  del rng  # No dropout.
+  x, y = batch
+  return cross_entropy(MLP().apply({"params": params}, x), y), batch_stats
+
+
+def multirate_tx(period, drift=False):
+  return mo.multirate(optax.sgd(H / period, momentum=MU),
+                      labels=mo.fast_by_path("^head/"), period=period,
+                      drift=drift)
+
+
+def create_state(period, drift=False):
+  return mo.linen.TrainState.create(
+      apply_fn=MLP().apply, params=linen_params(mlp_params()),
+      tx=multirate_tx(period, drift))
+
+
+def train_linen(step, state, data, key=jax.random.key(0)):
+  history = []
+  for t, batch in enumerate(data):
+    state, _ = step(state, batch, jax.random.fold_in(key, t))
+    history.append(as_mlp_params(state.params))  # before it is donated
+  return history, state
+
+
+def test_follows_the_published_algorithm_and_the_core_api():
+  # Drift and other optimizer semantics are the core's (tests/test_train_step.py).
+  period, drift = 3, False
+  data = batches(STEPS)
+  expected = multirate_sgd(mlp_params(), mlp_loss, data, h=H, momentum=MU,
+                           period=period, drift=drift, is_fast=is_fast)
+  key = jax.random.key(0)
+  results = {}
+  for dispatch in ("cond", "host"):
+    # The core API on the same parameters, loss and data.
+    tx = multirate_tx(period, drift)
+    core_step = mo.train_step(mlp_loss_fn, tx, has_aux=True, dispatch=dispatch)
+    params = linen_params(mlp_params())
+    opt_state = tx.init(params)
+    core = []
+    for t, batch in enumerate(data):
+      params, opt_state, _ = core_step(params, opt_state, {}, batch,
+                                       jax.random.fold_in(key, t))
+      core.append(as_mlp_params(params))
+
+    step = mo.linen.train_step(mlp_loss_fn, dispatch=dispatch)
+    results[dispatch], state = train_linen(step, create_state(period, drift),
+                                           data, key)
+    chex.assert_trees_all_close(results[dispatch], expected, rtol=1e-5, atol=1e-6)
+    # The same program as the core's, so the same bits.
+    chex.assert_trees_all_equal(results[dispatch], core)
+    assert state.step == STEPS
+    assert int(mo.find_schedule_state(state.opt_state)[0].count) == STEPS
+  chex.assert_trees_all_equal(results["cond"], results["host"])
+
+
+def test_apply_under_scan():
+  data = batches(9)
+  want, _ = train_linen(mo.linen.train_step(mlp_loss_fn, dispatch="cond"),
+                        create_state(3), data)
+  step = mo.linen.train_step(mlp_loss_fn)
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *data)
+
+  @jax.jit
+  def run(state, stacked):
+    def body(state, batch_and_t):
+      batch, t = batch_and_t
+      state, _ = step.apply(state, batch, jax.random.fold_in(jax.random.key(0), t))
+      return state, None
+    return jax.lax.scan(body, state, (stacked, jnp.arange(9)))[0]
+
+  state = run(create_state(3), stacked)
+  chex.assert_trees_all_close(as_mlp_params(state.params), want[-1],
+                              rtol=1e-6, atol=1e-7)
+  assert int(state.step) == 9
+
+
+@pytest.mark.parametrize("dispatch, programs", [("cond", 1), ("host", 2)])
+def test_compiles_once_per_program_and_reads_nothing_back_per_step(dispatch, programs):
+  step = mo.linen.train_step(mlp_loss_fn, dispatch=dispatch)
+  state = create_state(3)
+  data = batches(12)
+  key = jax.random.key(0)
+  with count_compilations() as compiled:
+    for batch in data[:2]:
+      state, _ = step(state, batch, key)
+    after_two = compiled[0]
+    with count_host_reads() as reads:
+      for batch in data[2:]:
+        state, loss = step(state, batch, key)
+  assert after_two >= programs
+  assert compiled[0] == after_two
+  assert reads[0] == 0
+  assert np.isfinite(float(loss))
+
+
+def test_host_counter_follows_a_state_it_did_not_return():
+  data = batches(8)
+  want, _ = train_linen(mo.linen.train_step(mlp_loss_fn, dispatch="cond"),
+                        create_state(4), data)
+  step = mo.linen.train_step(mlp_loss_fn, dispatch="host")
+  first, state = train_linen(step, create_state(4), data[:1])
+  saved = jax.tree.map(jnp.array, state)
+  train_linen(step, state, data[1:6])
+  # Rewound, as if restored from a checkpoint: count 1 (a fast step), new
+  # arrays; the host count must follow it, not its own count of 6.
+  rest, _ = train_linen(step, saved, data[1:])
+  chex.assert_trees_all_equal(first + rest, want)
+
+
+class BatchNormNet(nn.Module):
+  """Dense -> BatchNorm -> tanh -> dropout -> head."""
+
+  @nn.compact
+  def __call__(self, x, train):
+    x = nn.Dense(16, name="layer0")(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.8, name="norm")(x)
+    x = nn.Dropout(0.3, deterministic=not train)(jnp.tanh(x))
+    return nn.Dense(3, name="head")(x)
+
+
+def batch_norm_loss(params, batch_stats, batch, rng):
+  x, y = batch
+  logits, updates = BatchNormNet().apply(
+      {"params": params, "batch_stats": batch_stats}, x, train=True,
+      mutable=["batch_stats"], rngs={"dropout": rng})
+  return cross_entropy(logits, y), updates["batch_stats"]
+
+
+def test_batch_norm_and_dropout_on_fast_steps():
+  period = 3
+  data = batches(12)
+  keys = [jax.random.key(t) for t in range(len(data))]
+  variables = BatchNormNet().init(jax.random.key(0), data[0][0], train=False)
+  params, stats = variables["params"], variables["batch_stats"]
+
+  # Train mode normalises with the batch's statistics, so the loss does not
+  # depend on the running statistics passed in.
+  expected = multirate_sgd(
+      params, lambda p, b: batch_norm_loss(p, stats, b[:2], b[2])[0],
+      [(x, y, k) for (x, y), k in zip(data, keys)], h=H, momentum=MU,
+      period=period, drift=False, is_fast=lambda path: path.startswith("head"))
+  # Running statistics as the forward pass of every step, at that step's
+  # parameters, updates them.
+  want_stats = stats
+  for t, (batch, key) in enumerate(zip(data, keys)):
+    _, want_stats = jax.jit(batch_norm_loss)(
+        params if t == 0 else expected[t - 1], want_stats, batch, key)
+
+  results = {}
+  for dispatch in ("cond", "host"):
+    state = mo.linen.TrainState.create(
+        apply_fn=BatchNormNet().apply, params=params, batch_stats=stats,
+        tx=mo.multirate(optax.sgd(H / period, momentum=MU),
+                        labels=mo.fast_by_path("^head/"), period=period))
+    step = mo.linen.train_step(batch_norm_loss, dispatch=dispatch, donate=False)
+    history, stat_history = [], []
+    for batch, key in zip(data, keys):
+      state, _ = step(state, batch, key)
+      history.append(state.params)
+      stat_history.append(state.batch_stats)
+    chex.assert_trees_all_close(history, expected, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(stat_history[-1], want_stats, rtol=1e-5, atol=1e-6)
+    # Step 2 is a fast step: the slow BatchNorm's scale and bias stay, its
+    # running statistics move.
+    chex.assert_trees_all_equal(history[2]["norm"], history[1]["norm"])
+    assert not np.array_equal(stat_history[2]["norm"]["mean"],
+                              stat_history[1]["norm"]["mean"])
+    results[dispatch] = history
+  chex.assert_trees_all_equal(results["cond"], results["host"])
+
+
+def test_has_aux_returns_aux():
+  def loss_fn(params, batch_stats, batch, rng):
+    loss, batch_stats = batch_norm_loss(params, batch_stats, batch, rng)
+    return loss, (batch_stats, {"double": 2 * loss})
+
+  data = batches(1)
+  variables = BatchNormNet().init(jax.random.key(0), data[0][0], train=False)
+  state = mo.linen.TrainState.create(
+      apply_fn=BatchNormNet().apply, params=variables["params"],
+      batch_stats=variables["batch_stats"], tx=multirate_tx(2))
+  state, (loss, aux) = mo.linen.train_step(loss_fn, has_aux=True)(
+      state, data[0], jax.random.key(0))
+  np.testing.assert_allclose(aux["double"], 2 * loss)
+
+
+class TestBadInput:
+
+  def test_optimizer_without_schedule(self):
+    with pytest.raises(ValueError, match="holds no multirate schedule"):
+      mo.linen.TrainState.create(apply_fn=MLP().apply,
+                                 params=linen_params(mlp_params()),
+                                 tx=optax.sgd(0.1))
+
+  def test_labels_that_do_not_fit(self):
+    tx = mo.multirate(optax.sgd(0.1), labels={"head": "fast"}, period=2)
+    with pytest.raises(ValueError, match="parameters without a label"):
+      mo.linen.TrainState.create(apply_fn=MLP().apply,
+                                 params=linen_params(mlp_params()), tx=tx)
+
+  def test_loss_signature(self):
+    with pytest.raises(TypeError, match="cannot be called as loss_fn"):
+      mo.linen.train_step(lambda params, batch: 0.0)
+
+  def test_loss_without_batch_stats(self):
+    step = mo.linen.train_step(
+        lambda params, batch_stats, batch, rng: mlp_loss_fn(
+            params, batch_stats, batch, rng)[0])
+    with pytest.raises(TypeError, match=r"must return \(loss, new_batch_stats\)"):
+      step(create_state(2), batches(1)[0], jax.random.key(0))
+
+  def test_has_aux_without_aux(self):
+    step = mo.linen.train_step(mlp_loss_fn, has_aux=True)
+    with pytest.raises(TypeError, match=r"\(loss, \(new_batch_stats, aux\)\)"):
+      step(create_state(2), batches(1)[0], jax.random.key(0))
+
+  def test_mutable_updates_instead_of_batch_stats(self):
+    def loss_fn(params, batch_stats, batch, rng):
+      x, y = batch
+      logits, updates = BatchNormNet().apply(
+          {"params": params, "batch_stats": batch_stats}, x, train=True,
+          mutable=["batch_stats"], rngs={"dropout": rng})
+      return cross_entropy(logits, y), updates
+
+    x = batches(1)[0][0]
+    variables = BatchNormNet().init(jax.random.key(0), x, train=False)
+    state = mo.linen.TrainState.create(
+        apply_fn=BatchNormNet().apply, params=variables["params"],
+        batch_stats=variables["batch_stats"], tx=multirate_tx(2))
+    with pytest.raises(ValueError, match=r"Return updates\['batch_stats'\]"):
+      mo.linen.train_step(loss_fn)(state, batches(1)[0], jax.random.key(0))
