@@ -3,6 +3,7 @@
 Run it (15 to 25 seconds on a 2-core CPU; no download, the digits ship with
 scikit-learn):
 
+    python -m pip install -e ".[finetune]"   # once: scikit-learn, tqdm
     python examples/linen_finetune.py
 
 Stand-in for a pretrained network: a CNN (two conv + BatchNorm layers, a dense
