@@ -62,8 +62,9 @@ class FreezeOutSchedule(Schedule):
   Attributes:
     num_layers: the number of layers, ``I + 1``.
     total_steps: the number of steps training will run, ``T``.
-    t_0: when the first layer freezes before spacing, in ``(0, 1]``;
-      ``t_0 = 1`` freezes no layer before the end (plain cosine annealing).
+    t_0: ``r_0``, the first layer's freeze time before spacing, in
+      ``(0, 1]``; ``t_0 = 1`` freezes no layer before the end (every layer
+      then follows one cosine annealing over the whole run).
     spacing: ``'linear'``, ``'squared'`` or ``'cubic'``.
     scaled: start layer ``i`` at ``alpha / t_i`` instead of ``alpha``.
   """
@@ -180,7 +181,15 @@ def _resolve_layers(layers: Labels, tree: PyTree, num_layers: int,
           f"{what} has top-level entries {missing} that layers does not "
           f"number; layers has {list(label_tree)}.")
     label_tree = {name: label_tree[name] for name in tree}
-  per_leaf = resolve_labels(label_tree, tree, range(num_layers))
+  try:  # The quick check of keep_frozen's every call ...
+    per_leaf = jax.tree.leaves(jax.tree.broadcast(label_tree, tree))
+  except (ValueError, TypeError):
+    per_leaf = []
+  if len(per_leaf) != len(jax.tree.leaves(tree)) or not all(
+      isinstance(layer, (int, np.integer)) and not isinstance(layer, bool)
+      and 0 <= layer < num_layers for layer in per_leaf):
+    # ... and on failure the thorough one, whose message names the leaf.
+    per_leaf = resolve_labels(label_tree, tree, range(num_layers))
   return tuple(int(layer) for layer in per_leaf)
 
 
@@ -369,7 +378,8 @@ class CostEstimate(NamedTuple):
   """A schedule's compute, from XLA's cost analysis of each phase's program.
 
   Attributes:
-    phase_flops: the floating-point operations of one step of each phase.
+    phase_flops: the floating-point operations of one step of each phase
+      (0 for a phase the run does not reach).
     steps_per_phase: how many steps of the run each phase has.
     saving: ``1 - sum(steps * flops) / (total steps * flops of phase 0)``, the
       share of the work of training every step as in phase 0 that is saved.
@@ -398,6 +408,23 @@ def estimate_saving(step: TrainStep, params: PyTree, opt_state: PyTree, *args,
 
   Returns:
     A :class:`CostEstimate`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> import multirate_optax as mo
+    >>> params = {'body': jnp.ones((64, 64)), 'head': jnp.ones((64, 1))}
+    >>> def loss_fn(params, x):
+    ...   return jnp.sum(jnp.tanh(x @ params['body']) @ params['head'])
+    >>> schedule = mo.FreezeOutSchedule(num_layers=2, total_steps=100)
+    >>> tx = mo.freezeout(optax.sgd(0.1), schedule,
+    ...                   layers={'body': 0, 'head': 1})
+    >>> step = mo.train_step(loss_fn, tx, dispatch='host')
+    >>> estimate = mo.estimate_saving(step, params, tx.init(params),
+    ...                               jnp.ones((32, 64)))
+    >>> estimate.steps_per_phase  # body frozen from step ceil(0.8**3 * 100)
+    (52, 48, 0)
+    >>> 0.2 < estimate.saving < 0.5
+    True
   """
   schedule = find_schedule_state(opt_state)[0].schedule
   if total_steps is None:

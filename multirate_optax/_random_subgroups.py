@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from multirate_optax._groups import check_labels_fit
@@ -47,7 +48,7 @@ class RandomSubgroupsSchedule(Schedule):
     return (frozenset({ALL}),)
 
   def phase(self, step: Step) -> Step:
-    if isinstance(step, int):
+    if isinstance(step, (int, np.integer)):
       return 0
     return jnp.zeros([], jnp.int32)
 

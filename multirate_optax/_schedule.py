@@ -148,11 +148,12 @@ def find_schedule_state(opt_state: Any) -> tuple[ScheduleState, bool]:
   visit(opt_state, False)
   if not found:
     raise ValueError(
-        "the optimizer state holds no multirate schedule: build the optimizer "
-        "with multirate_optax.multirate (alone or inside optax.chain and other "
-        "wrappers) and pass its state.")
+        "the optimizer state holds no schedule of active groups: build the "
+        "optimizer with multirate_optax.multirate (or freezeout, "
+        "random_subgroups), alone or inside optax.chain and other wrappers, "
+        "and pass its state.")
   if len(found) > 1:
     raise ValueError(
-        f"the optimizer state holds {len(found)} multirate schedules; a train "
-        "step follows exactly one.")
+        f"the optimizer state holds {len(found)} schedules of active groups; a "
+        "train step follows exactly one.")
   return found[0]

@@ -233,7 +233,7 @@ def test_has_aux_returns_aux():
 class TestBadInput:
 
   def test_optimizer_without_schedule(self):
-    with pytest.raises(ValueError, match="holds no multirate schedule"):
+    with pytest.raises(ValueError, match="holds no schedule of active groups"):
       mo.linen.TrainState.create(apply_fn=MLP().apply,
                                  params=linen_params(mlp_params()),
                                  tx=optax.sgd(0.1))

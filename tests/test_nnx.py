@@ -289,7 +289,7 @@ class TestBadInput:
   def test_optimizer_without_schedule(self):
     model = MLP(mlp_params())
     optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
-    with pytest.raises(ValueError, match="holds no multirate schedule"):
+    with pytest.raises(ValueError, match="holds no schedule of active groups"):
       mo.nnx.train_step(nnx_loss)(model, optimizer, batches(1)[0])
 
   def test_model_the_optimizer_was_not_built_for(self):

@@ -267,7 +267,7 @@ class TestBadInput:
   def test_optimizer_without_schedule(self):
     tx = optax.sgd(0.1)
     step = mo.train_step(mlp_loss, tx)
-    with pytest.raises(ValueError, match="holds no multirate schedule"):
+    with pytest.raises(ValueError, match="holds no schedule of active groups"):
       step(self.params, tx.init(self.params), batches(1)[0])
 
   def test_host_dispatch_inside_apply_if_finite(self):
