@@ -4,9 +4,9 @@ Update different parts of a network at different rates, and do no backward
 work for the parts that are not being updated on a step.
 """
 
+from multirate_optax._cost import CostEstimate, estimate_saving
 from multirate_optax._freezeout import (
-    CostEstimate, FreezeOutSchedule, estimate_saving, freezeout, keep_frozen,
-    layers_by_module)
+    FreezeOutSchedule, freezeout, keep_frozen, layers_by_module)
 from multirate_optax._groups import fast_by_depth, fast_by_path, path_str
 from multirate_optax._random_subgroups import (
     RandomSubgroupsSchedule, RandomSubgroupsState, full_weights,

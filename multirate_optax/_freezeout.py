@@ -13,18 +13,18 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
-from typing import Any, Literal, NamedTuple, Union
+from collections.abc import Mapping
+from typing import Any, Literal, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from multirate_optax._groups import Labels, check_labels_fit, resolve_labels
+from multirate_optax._groups import (
+    Labels, check_labels_fit, labels_like, resolve_labels)
 from multirate_optax._schedule import (
-    Schedule, ScheduleState, Step, find_schedule_state)
-from multirate_optax._train_step import TrainStep
+    Schedule, ScheduleState, Step)
 
 PyTree = Any
 Spacing = Literal["linear", "squared", "cubic"]
@@ -304,21 +304,17 @@ def freezeout(
           f"{schedule.num_layers} layers, numbered 0 to "
           f"{schedule.num_layers - 1}, and each needs at least one.")
     labels = tuple(groups[i] for i in per_leaf)
-    inner = partition(None, _unflatten_like(labels)).init(params)
+    inner = partition(None, labels_like(labels)).init(params)
     return ScheduleState(count=jnp.zeros([], jnp.int32), inner=inner,
                          schedule=schedule, labels=labels)
 
   def update_fn(updates, state, params=None, **extra_args):
     check_labels_fit(state.labels, updates, "the updates")
-    updates, inner = partition(state.count, _unflatten_like(state.labels)).update(
+    updates, inner = partition(state.count, labels_like(state.labels)).update(
         updates, state.inner, params, **extra_args)
     return updates, state.advanced(inner)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _unflatten_like(per_leaf: tuple[str, ...]) -> Callable[[Any], Any]:
-  return lambda tree: jax.tree.unflatten(jax.tree.structure(tree), per_leaf)
 
 
 def keep_frozen(
@@ -372,73 +368,3 @@ def keep_frozen(
     kept = [jnp.where(schedule.is_frozen(layer, step), o, n)
             for n, o, layer in zip(new_leaves, old_leaves, per_leaf)]
   return jax.tree.unflatten(treedef, kept)
-
-
-class CostEstimate(NamedTuple):
-  """A schedule's compute, from XLA's cost analysis of each phase's program.
-
-  Attributes:
-    phase_flops: the floating-point operations of one step of each phase
-      (0 for a phase the run does not reach).
-    steps_per_phase: how many steps of the run each phase has.
-    saving: ``1 - sum(steps * flops) / (total steps * flops of phase 0)``, the
-      share of the work of training every step as in phase 0 that is saved.
-  """
-
-  phase_flops: tuple[float, ...]
-  steps_per_phase: tuple[int, ...]
-  saving: float
-
-
-def estimate_saving(step: TrainStep, params: PyTree, opt_state: PyTree, *args,
-                    total_steps: int | None = None) -> CostEstimate:
-  """Estimates the compute a schedule saves, from the compiled programs.
-
-  Compiles the program of every phase met in the first ``total_steps`` steps
-  (``'host'`` dispatch compiles these same programs) and weighs the flops
-  XLA's cost analysis counts for each by its number of steps. Phase 0, where
-  the schedule starts, is the reference: for FreezeOut it trains every layer.
-
-  Args:
-    step: the train step.
-    params, opt_state, *args: as for a call of ``step`` (only shapes and
-      dtypes matter).
-    total_steps: the length of the run; for a :class:`FreezeOutSchedule`
-      its ``total_steps`` by default.
-
-  Returns:
-    A :class:`CostEstimate`.
-
-  Example:
-    >>> import jax.numpy as jnp, optax
-    >>> import multirate_optax as mo
-    >>> params = {'body': jnp.ones((64, 64)), 'head': jnp.ones((64, 1))}
-    >>> def loss_fn(params, x):
-    ...   return jnp.sum(jnp.tanh(x @ params['body']) @ params['head'])
-    >>> schedule = mo.FreezeOutSchedule(num_layers=2, total_steps=100)
-    >>> tx = mo.freezeout(optax.sgd(0.1), schedule,
-    ...                   layers={'body': 0, 'head': 1})
-    >>> step = mo.train_step(loss_fn, tx, dispatch='host')
-    >>> estimate = mo.estimate_saving(step, params, tx.init(params),
-    ...                               jnp.ones((32, 64)))
-    >>> estimate.steps_per_phase  # body frozen from step ceil(0.8**3 * 100)
-    (52, 48, 0)
-    >>> 0.2 < estimate.saving < 0.5
-    True
-  """
-  schedule = find_schedule_state(opt_state)[0].schedule
-  if total_steps is None:
-    if not isinstance(schedule, FreezeOutSchedule):
-      raise ValueError(
-          f"total_steps is needed for a {type(schedule).__name__}.")
-    total_steps = schedule.total_steps
-  counts = [0] * len(schedule.phases)
-  for t in range(total_steps):
-    counts[schedule.phase(t)] += 1
-  flops = tuple(
-      float(step.program(params, opt_state, *args, phase=p).compile()
-            .cost_analysis()["flops"]) if n or p == 0 else 0.0
-      for p, n in enumerate(counts))
-  work = sum(n * f for n, f in zip(counts, flops))
-  return CostEstimate(flops, tuple(counts), 1.0 - work / (total_steps * flops[0]))
-

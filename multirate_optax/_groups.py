@@ -118,6 +118,11 @@ def check_labels_fit(labels: tuple[str, ...], tree: PyTree, what: str) -> None:
         "parameters of this structure.")
 
 
+def labels_like(per_leaf: tuple[str, ...]) -> Callable[[PyTree], PyTree]:
+  """A labels function giving each leaf of a tree its resolved group name."""
+  return lambda tree: jax.tree.unflatten(jax.tree.structure(tree), per_leaf)
+
+
 def fast_by_path(
     fast: Union[str, re.Pattern[str], Callable[[str], bool]],
 ) -> Callable[[PyTree], PyTree]:

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from multirate_optax._groups import FAST, SLOW, Labels, check_labels_fit, resolve_labels
+from multirate_optax._groups import (
+    FAST, SLOW, Labels, check_labels_fit, labels_like, resolve_labels)
 from multirate_optax._schedule import MultirateSchedule, ScheduleState, check_period
 
 
@@ -154,22 +155,18 @@ def multirate(
           "no parameter is labelled 'fast': multirate needs at least one fast "
           "parameter (the labels gave 'slow' to all "
           f"{len(resolved)} leaves).")
-    inner = partition(None, _unflatten_like(resolved)).init(params)
+    inner = partition(None, labels_like(resolved)).init(params)
     return ScheduleState(count=jnp.zeros([], jnp.int32), inner=inner,
                          schedule=schedule, labels=resolved)
 
   def update_fn(updates, state, params=None, **extra_args):
     check_labels_fit(state.labels, updates, "the updates")
     slow_step = True if period == 1 else schedule.is_slow_step(state.count)
-    updates, inner = partition(slow_step, _unflatten_like(state.labels)).update(
+    updates, inner = partition(slow_step, labels_like(state.labels)).update(
         updates, state.inner, params, **extra_args)
     return updates, state.advanced(inner)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _unflatten_like(per_leaf: tuple[str, ...]) -> Callable[[Any], Any]:
-  return lambda tree: jax.tree.unflatten(jax.tree.structure(tree), per_leaf)
 
 
 def in_slow_steps(
