@@ -227,14 +227,16 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--periods", nargs="+", type=int, default=list(PERIODS))
   parser.add_argument("--cond-periods", nargs="+", type=int,
                       help="periods measured with 'cond' dispatch (default: "
-                      "--periods; with --quick on CPU only 5, since a conv "
-                      "net's slow step inside lax.cond takes seconds there)")
+                      "--periods; with --quick on CPU only 5)")
   parser.add_argument("--batch-size", type=int, default=32)
   args = parser.parse_args(argv)
   repeats, cycles = (3, 1) if args.quick else (7, 2)
-  slow_cond = args.quick and jax.default_backend() == "cpu"
-  cond_periods = args.cond_periods or ([5] if slow_cond else args.periods)
-  cond_repeats = 1 if slow_cond else repeats
+  # On CPU a conv net's slow step inside lax.cond takes seconds
+  # (jax-ml/jax#12868): measure 'cond' with fewer repeats there.
+  on_cpu = jax.default_backend() == "cpu"
+  cond_periods = args.cond_periods or (
+      [5] if args.quick and on_cpu else args.periods)
+  cond_repeats = (1 if args.quick else 3) if on_cpu else repeats
 
   auto = mo.resolve_dispatch("auto")
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
