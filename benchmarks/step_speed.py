@@ -15,8 +15,9 @@ Run::
 
   python benchmarks/step_speed.py --quick --json results/step_speed.json
 
-Timings are medians over repeats after warm-up; on a shared 2-core CPU only the
-ratios mean much.
+Timings are medians over repeats after warm-up, with the variants' blocks of
+steps interleaved so that changes of machine load fall on all of them alike;
+on a shared 2-core CPU only the ratios mean much.
 """
 
 from __future__ import annotations
@@ -152,22 +153,41 @@ def plain_step(loss_fn, tx, fast_only: bool):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def time_per_step(step, params, opt_state, batch, steps_per_repeat: int,
-                  repeats: int) -> tuple[float, Any, Any]:
-  """Median over ``repeats`` of the mean time per step of a block of steps.
+class Runner:
+  """One variant's step and its own copy of the training state."""
 
-  Runs one warm-up block first (compilation of every program it needs).
-  """
-  times = []
-  for repeat in range(repeats + 1):
-    jax.block_until_ready((params, opt_state))
+  def __init__(self, step, params, opt_state, batch, steps_per_block: int,
+               repeats: int):
+    self.step, self.batch = step, batch
+    self.params, self.opt_state = params, opt_state
+    self.steps_per_block, self.repeats = steps_per_block, repeats
+    self.times: list[float] = []
+
+  def block(self) -> float:
+    """Runs a block of steps; returns the mean time per step."""
+    jax.block_until_ready((self.params, self.opt_state))
     start = time.perf_counter()
-    for _ in range(steps_per_repeat):
-      params, opt_state, loss = step(params, opt_state, batch)
+    for _ in range(self.steps_per_block):
+      self.params, self.opt_state, loss = self.step(
+          self.params, self.opt_state, self.batch)
     jax.block_until_ready(loss)
-    if repeat:
-      times.append((time.perf_counter() - start) / steps_per_repeat)
-  return statistics.median(times), params, opt_state
+    return (time.perf_counter() - start) / self.steps_per_block
+
+
+def measure(runners: dict[Any, Runner]) -> dict[Any, float]:
+  """Median time per step of each runner, with the runners interleaved.
+
+  One warm-up block each first (compiling every program it needs); then each
+  repeat runs one block of every runner that still needs one, so that a change
+  of machine load falls on all variants alike.
+  """
+  for runner in runners.values():
+    runner.block()
+  for repeat in range(max(r.repeats for r in runners.values())):
+    for runner in runners.values():
+      if repeat < runner.repeats:
+        runner.times.append(runner.block())
+  return {name: statistics.median(r.times) for name, r in runners.items()}
 
 
 def copy(tree):
@@ -181,27 +201,30 @@ def bench_model(name: str, batch_size: int, repeats: int, cycles: int,
   loss_fn = make_loss(module)
   tx = optax.sgd(LEARNING_RATE, momentum=MOMENTUM)
   block = max(periods) * cycles
-
-  t_full, _, _ = time_per_step(plain_step(loss_fn, tx, False), copy(params),
-                               tx.init(params), batch, block, repeats)
-  t_fast, _, _ = time_per_step(plain_step(loss_fn, tx, True), copy(params),
-                               tx.init(params["head"]), batch, block, repeats)
-  rows = []
+  runners = {
+      "full": Runner(plain_step(loss_fn, tx, False), copy(params),
+                     tx.init(params), batch, block, repeats),
+      "fast": Runner(plain_step(loss_fn, tx, True), copy(params),
+                     tx.init(params["head"]), batch, block, repeats)}
   for dispatch in dispatches:
     for k in cond_periods if dispatch == "cond" else periods:
       multi = mo.multirate(optax.sgd(LEARNING_RATE / k, momentum=MOMENTUM),
                            labels=mo.fast_by_path("^head/"), period=k)
-      step = mo.train_step(loss_fn, multi, dispatch=dispatch)
-      t_step, _, _ = time_per_step(
-          step, copy(params), multi.init(params), batch, k * cycles,
+      runners[dispatch, k] = Runner(
+          mo.train_step(loss_fn, multi, dispatch=dispatch), copy(params),
+          multi.init(params), batch, k * cycles,
           cond_repeats if dispatch == "cond" else repeats)
-      ideal = t_full / ((t_full + (k - 1) * t_fast) / k)
-      speedup = t_full / t_step
-      rows.append(dict(model=name, dispatch=dispatch, k=k,
-                       t_full_ms=1e3 * t_full, t_fast_ms=1e3 * t_fast,
-                       t_step_ms=1e3 * t_step, speedup=speedup, ideal=ideal,
-                       efficiency=speedup / ideal))
-      print_row(rows[-1])
+  times = measure(runners)
+  t_full, t_fast = times.pop("full"), times.pop("fast")
+  rows = []
+  for (dispatch, k), t_step in times.items():
+    ideal = t_full / ((t_full + (k - 1) * t_fast) / k)
+    speedup = t_full / t_step
+    rows.append(dict(model=name, dispatch=dispatch, k=k,
+                     t_full_ms=1e3 * t_full, t_fast_ms=1e3 * t_fast,
+                     t_step_ms=1e3 * t_step, speedup=speedup, ideal=ideal,
+                     efficiency=speedup / ideal))
+    print_row(rows[-1])
   return rows
 
 
