@@ -13,7 +13,6 @@ import numpy as np
 import optax
 import pytest
 
-import multirate_optax as mo
 from multirate_optax.data import Dataset, DigitsSplits, load_digits_splits
 from multirate_optax.experiments import finetune as ft
 from multirate_optax.models import HEAD_FEATURES, EfficientNetLite0
@@ -269,9 +268,14 @@ def tiny_run(tiny_splits, tmp_path_factory):
   grids["train_classifier"] = {"learning_rate": (0.01, 0.1)}
   settings = dataclasses.replace(
       ft.QUICK, image_size=8, epochs=2, batch_size=16, period=2, grids=grids)
-  evaluated, selecting = [], []
+  evaluated, selecting, trained = [], [], []
   monkeypatch = pytest.MonkeyPatch()
   real_accuracy, real_select = ft.accuracy, ft.select_rates
+  real_fine_tune = ft.fine_tune
+
+  def spy_fine_tune(*args):
+    trained.append(args[-2])  # the seed
+    return real_fine_tune(*args)
 
   def spy_accuracy(predict, variables, data, batch_size):
     evaluated.append((bool(selecting), data))
@@ -286,6 +290,7 @@ def tiny_run(tiny_splits, tmp_path_factory):
 
   monkeypatch.setattr(ft, "accuracy", spy_accuracy)
   monkeypatch.setattr(ft, "select_rates", spy_select)
+  monkeypatch.setattr(ft, "fine_tune", spy_fine_tune)
   try:
     report = ft.run_experiment(settings, tiny_splits,
                                pretrained=tiny_pretrained())
@@ -293,11 +298,11 @@ def tiny_run(tiny_splits, tmp_path_factory):
     monkeypatch.undo()
   out = tmp_path_factory.mktemp("finetune")
   paths = ft.write_outputs(report, settings, out)
-  return settings, report, evaluated, paths
+  return settings, report, evaluated, paths, trained
 
 
 def test_selection_uses_validation_and_never_test(tiny_run, tiny_splits):
-  _, report, evaluated, _ = tiny_run
+  _, report, evaluated, _, _ = tiny_run
   during_selection = [data for selecting, data in evaluated if selecting]
   assert len(during_selection) == 2  # train_classifier's two candidates
   assert all(data is tiny_splits.validation for data in during_selection)
@@ -311,8 +316,16 @@ def test_selection_uses_validation_and_never_test(tiny_run, tiny_splits):
              if name != "train_classifier")
 
 
+def test_the_selected_run_of_the_first_seed_is_reused(tiny_run):
+  settings, _, _, _, trained = tiny_run
+  # One run per method, two for the one with two grid points: the selected
+  # one is its seed-0 result, not trained again.
+  assert trained == [0] * (len(ft.METHODS) + 1)
+  assert sum(ft.runs_of(m, settings) for m in ft.METHODS) == len(trained)
+
+
 def test_outputs_table_json_and_plot(tiny_run):
-  settings, report, _, (json_path, png_path) = tiny_run
+  settings, report, _, (json_path, png_path), _ = tiny_run
   saved = json.loads(Path(json_path).read_text())
   assert [row["name"] for row in saved["summary"]] == list(METHODS)
   for row in saved["summary"]:
