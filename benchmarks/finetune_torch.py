@@ -6,23 +6,24 @@ decay as ``multirate_optax.experiments.finetune``, with the rates its full run
 selected on validation (its quick-mode grid points), BatchNorm frozen in
 inference mode (PyTorch: ``model.train()`` with every BatchNorm in ``eval()``;
 dropout and stochastic depth on in both). Each framework runs train-all and
-multirate (fast = classifier, slow = everything else, k = 5, with drift) in
-this process, and reports its own multirate speedup over its own train-all.
+one of the experiment's multirate methods with drift (``--method``; default
+fast = last stage + head, slow = everything else, k = 5) in this process, and
+reports its own multirate speedup over its own train-all.
 
 PyTorch recipe (Vlaar & Leimkuhler's ``Optimizer_multirate.py`` as described in
 REFERENCE.md §1, with its defects fixed):
 
 * ``requires_grad`` is toggled per batch: every k-th batch (here the first of
   each cycle, ``t % k == 0``, as in ours) every parameter gets gradients; the
-  other batches only the classifier's, so autograd does no backward work for
-  the backbone.
+  other batches only the fast parameters', so autograd does no backward work
+  for the slow ones.
 * One SGD-momentum buffer per parameter, created as zeros with the optimizer
   (the reference needed ``initmom()`` after a first backward). A fast batch
-  refreshes the classifier's buffers (``buf = µ buf + grad``); a slow batch
-  refreshes every buffer. After *every* batch, slow ones included (the
+  refreshes the fast parameters' buffers (``buf = µ buf + grad``); a slow
+  batch refreshes every buffer. After *every* batch, slow ones included (the
   reference moved nothing on its slow batch), every parameter moves by
-  ``-rate * buf``: the classifier by ``h_F``, the backbone by ``h_S / k``
-  with its buffer held between slow batches (linear drift). No
+  ``-rate * buf``: the fast ones by ``h_F``, the slow ones by ``h_S / k``
+  with their buffers held between slow batches (linear drift). No
   ``weight_decay`` term (the reference read an undefined one).
 * Train-all is ``torch.optim.SGD(momentum=0.9)``, all parameters every batch.
 
@@ -62,8 +63,27 @@ from multirate_optax.experiments import finetune
 from multirate_optax.models import load_pretrained_efficientnet_lite0
 
 TORCH_THREADS = os.cpu_count() or 1
-CLASSIFIER_PREFIX = "_fc."
-MULTIRATE_METHOD = "multirate_classifier_drift"
+# The PyTorch parameter-name prefixes of each top-level Flax module.
+TORCH_PREFIXES = {"stem": ("_conv_stem.", "_bn0."),
+                  "head": ("_conv_head.", "_bn1."),
+                  "classifier": ("_fc.",)}
+DRIFT_METHODS = tuple(m.name for m in finetune.METHODS
+                      if m.multirate and m.drift)
+
+
+def torch_prefixes(modules: Iterable[str]) -> tuple[str, ...]:
+  """PyTorch name prefixes of the parameters of top-level Flax ``modules``.
+
+  >>> torch_prefixes(("blocks_15", "head", "classifier"))
+  ('_blocks.15.', '_conv_head.', '_bn1.', '_fc.')
+  """
+  prefixes = []
+  for module in modules:
+    if module.startswith("blocks_"):
+      prefixes.append(f"_blocks.{module.removeprefix('blocks_')}.")
+    else:
+      prefixes.extend(TORCH_PREFIXES[module])
+  return tuple(prefixes)
 
 
 def selected_rates(method: str) -> dict[str, float]:
@@ -73,7 +93,6 @@ def selected_rates(method: str) -> dict[str, float]:
 
 
 TRAIN_ALL = selected_rates("train_all")
-MULTIRATE = selected_rates(MULTIRATE_METHOD)
 
 
 def torch_model(seed: int) -> torch.nn.Module:
@@ -104,7 +123,8 @@ class MultirateSGD:
   """The reference recipe's optimizer, defects fixed (see the module docstring).
 
   Args:
-    model: its parameters named with ``fast_prefix`` are fast, the rest slow.
+    model: its parameters whose names start with one of ``fast_prefixes``
+      are fast, the rest slow.
     fast_rate: ``h_F``, the fast parameters' step size on every batch.
     slow_rate: ``h_S``, the slow parameters' step size per cycle, spread
       over the ``period`` batches of the cycle.
@@ -112,14 +132,15 @@ class MultirateSGD:
     period: k.
     total_steps: length of the cosine decay (the slow rate's decay is read at
       each cycle's slow batch, as in ours).
+    fast_prefixes: name prefixes of the fast parameters.
   """
 
   def __init__(self, model: torch.nn.Module, fast_rate: float, slow_rate: float,
                momentum: float, period: int, total_steps: int,
-               fast_prefix: str = CLASSIFIER_PREFIX):
+               fast_prefixes: tuple[str, ...]):
     named = list(model.named_parameters())
-    self.fast = [p for n, p in named if n.startswith(fast_prefix)]
-    self.slow = [p for n, p in named if not n.startswith(fast_prefix)]
+    self.fast = [p for n, p in named if n.startswith(fast_prefixes)]
+    self.slow = [p for n, p in named if not n.startswith(fast_prefixes)]
     self.buffers = {p: torch.zeros_like(p) for _, p in named}
     self.fast_rate, self.slow_rate = fast_rate, slow_rate
     self.momentum, self.period, self.total_steps = momentum, period, total_steps
@@ -204,18 +225,19 @@ class Runner(NamedTuple):
   train_once: Callable[[], tuple[float, float]]
 
 
-def prepare_torch(method: str, settings: finetune.Settings, train: Dataset,
-                  test: Dataset, seed: int) -> Runner:
+def prepare_torch(method: finetune.Method, rates: dict[str, float],
+                  settings: finetune.Settings, train: Dataset, test: Dataset,
+                  seed: int) -> Runner:
   """Warms up on a throwaway model; each run trains a fresh one."""
   steps = settings.epochs * (len(train.labels) // settings.batch_size)
 
   def optimizer_for(model):
-    if method == "train_all":
-      return TrainAllSGD(model, TRAIN_ALL["learning_rate"], settings.momentum,
+    if not method.multirate:
+      return TrainAllSGD(model, rates["learning_rate"], settings.momentum,
                          steps)
-    return MultirateSGD(model, MULTIRATE["fast_learning_rate"],
-                        MULTIRATE["slow_learning_rate"], settings.momentum,
-                        settings.period, steps)
+    return MultirateSGD(model, rates["fast_learning_rate"],
+                        rates["slow_learning_rate"], settings.momentum,
+                        settings.period, steps, torch_prefixes(method.fast))
 
   scratch = torch_model(seed)
   first = (train.images[:settings.batch_size], train.labels[:settings.batch_size])
@@ -303,6 +325,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
   parser.add_argument("--quick", action="store_true",
                       help="2 epochs instead of the experiment's full "
                       f"{finetune.FULL.epochs}")
+  parser.add_argument("--method", choices=DRIFT_METHODS,
+                      default="multirate_last_stage",
+                      help="the experiment's multirate method to compare "
+                      "(default: its best, fast = last stage + head)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--repeats", type=int, default=3,
                       help="timed runs per method; the fastest is reported")
@@ -315,26 +341,27 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
   splits = load_digits_splits(image_size=settings.image_size,
                               seed=settings.split_seed)
   methods = {m.name: m for m in finetune.METHODS}
+  train_all, multirate = methods["train_all"], methods[args.method]
+  multirate_rates = selected_rates(args.method)
   print(f"torch {torch.__version__} with torch.set_num_threads({TORCH_THREADS})"
         f" ({os.cpu_count()} cores), flush_denormal on; jax {jax.__version__} "
         f"({jax.default_backend()}); {settings.epochs} epochs of "
         f"{len(splits.train.labels) // settings.batch_size} batches of "
         f"{settings.batch_size}, {settings.image_size}x{settings.image_size}, "
-        f"k = {settings.period}, BN frozen; load average {os.getloadavg()}",
+        f"k = {settings.period}, BN frozen; multirate: {multirate.label}; "
+        f"load average {os.getloadavg()}",
         flush=True)
   train, test = nchw(splits.train), nchw(splits.test)
   pretrained = load_pretrained_efficientnet_lite0()
   runners = {
-      ("pytorch", "train_all"): prepare_torch("train_all", settings, train,
-                                              test, args.seed),
-      ("pytorch", "multirate"): prepare_torch("multirate", settings, train,
-                                              test, args.seed),
+      ("pytorch", "train_all"): prepare_torch(
+          train_all, TRAIN_ALL, settings, train, test, args.seed),
+      ("pytorch", "multirate"): prepare_torch(
+          multirate, multirate_rates, settings, train, test, args.seed),
       ("jax (ours)", "train_all"): prepare_jax(
-          methods["train_all"], TRAIN_ALL, settings, splits, pretrained,
-          args.seed),
+          train_all, TRAIN_ALL, settings, splits, pretrained, args.seed),
       ("jax (ours)", "multirate"): prepare_jax(
-          methods[MULTIRATE_METHOD], MULTIRATE, settings, splits,
-          pretrained, args.seed),
+          multirate, multirate_rates, settings, splits, pretrained, args.seed),
   }
   results = measure(runners, args.repeats)
   frameworks = {framework: with_speedup(results[(framework, "train_all")],
@@ -346,7 +373,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             "epochs": settings.epochs, "image_size": settings.image_size,
             "batch_size": settings.batch_size, "period": settings.period,
             "repeats": args.repeats, "train_all_rates": TRAIN_ALL,
-            "multirate_rates": MULTIRATE,
+            "multirate_method": args.method,
+            "multirate_rates": multirate_rates,
             "load_average_at_end": os.getloadavg(), "frameworks": frameworks}
   if args.json:
     args.json.parent.mkdir(parents=True, exist_ok=True)

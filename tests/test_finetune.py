@@ -387,7 +387,8 @@ def test_torch_recipe_follows_the_per_step_form_with_drift(torch_recipe):
                for n, p in model.named_parameters()}
   momentum_buffers = {n: torch.zeros_like(p) for n, p in reference.items()}
   h_fast, h_slow, mu, period, total = 0.1, 0.3, 0.9, 3, 8
-  optimizer = recipe.MultirateSGD(model, h_fast, h_slow, mu, period, total)
+  optimizer = recipe.MultirateSGD(model, h_fast, h_slow, mu, period, total,
+                                  fast_prefixes=("_fc.",))
   generator = np.random.default_rng(0)
   for t in range(total):
     x = generator.normal(size=(6, 4)).astype(np.float32)
@@ -419,3 +420,23 @@ def test_torch_recipe_follows_the_per_step_form_with_drift(torch_recipe):
                                  rtol=1e-5, atol=1e-6)
       moved = not torch.equal(p.detach(), before[name])
       assert moved  # Every parameter moves on every batch, slow ones included.
+
+
+def test_torch_prefixes_partition_the_parameters_like_the_flax_modules(
+    torch_recipe):
+  """Each top-level Flax module's prefixes pick as many PyTorch parameters."""
+  _, recipe = torch_recipe
+  from efficientnet_lite_pytorch import EfficientNet
+
+  torch_model = EfficientNet.from_name("efficientnet-lite0")
+  named = dict(torch_model.named_parameters())
+  params = EfficientNetLite0().init(jax.random.key(0),
+                                    np.zeros((1, 32, 32, 3)))["params"]
+  claimed = set()
+  for module, subtree in params.items():
+    names = {n for n in named if n.startswith(recipe.torch_prefixes((module,)))}
+    assert sum(named[n].numel() for n in names) == sum(
+        x.size for x in jax.tree.leaves(subtree)), module
+    assert not names & claimed, module
+    claimed |= names
+  assert claimed == set(named)

@@ -31,3 +31,16 @@ def test_readme_usage_example_runs():
   assert float(namespace["loss"]) < 1.0
   # The body moved on slow steps only (t = 0, 5), the head every step.
   assert namespace["opt_state"].count == 10
+
+
+def test_readme_main_job_is_the_installed_finetune_entry_point():
+  from importlib.metadata import entry_points
+
+  from multirate_optax.experiments import finetune
+
+  readme = (ROOT / "README.md").read_text()
+  command = re.search(r"Main job:.*?```bash\n(.*?)\n```", readme, re.S).group(1)
+  assert command == ('python -m pip install -e ".[finetune]" && '
+                     "multirate-finetune")
+  (script,) = entry_points(group="console_scripts", name="multirate-finetune")
+  assert script.load() is finetune.main
