@@ -237,7 +237,8 @@ def prepare_torch(method: finetune.Method, rates: dict[str, float],
                          steps)
     return MultirateSGD(model, rates["fast_learning_rate"],
                         rates["slow_learning_rate"], settings.momentum,
-                        settings.period, steps, torch_prefixes(method.fast))
+                        method.period_in(settings), steps,
+                        torch_prefixes(method.fast))
 
   scratch = torch_model(seed)
   first = (train.images[:settings.batch_size], train.labels[:settings.batch_size])
@@ -348,7 +349,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         f"({jax.default_backend()}); {settings.epochs} epochs of "
         f"{len(splits.train.labels) // settings.batch_size} batches of "
         f"{settings.batch_size}, {settings.image_size}x{settings.image_size}, "
-        f"k = {settings.period}, BN frozen; multirate: {multirate.label}; "
+        f"BN frozen; multirate: {multirate.label} (k = "
+        f"{multirate.period_in(settings)}); "
         f"load average {os.getloadavg()}",
         flush=True)
   train, test = nchw(splits.train), nchw(splits.test)
@@ -371,7 +373,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
   report = {"torch_threads": TORCH_THREADS, "torch_flush_denormal": True,
             "quick": args.quick,
             "epochs": settings.epochs, "image_size": settings.image_size,
-            "batch_size": settings.batch_size, "period": settings.period,
+            "batch_size": settings.batch_size,
+            "period": multirate.period_in(settings),
             "repeats": args.repeats, "train_all_rates": TRAIN_ALL,
             "multirate_method": args.method,
             "multirate_rates": multirate_rates,

@@ -40,6 +40,8 @@ def paths_under(params, *prefixes):
     ("multirate_classifier_drift", ("classifier",), ("fast", "slow")),
     ("multirate_last_stage", ("blocks_15", "head", "classifier"),
      ("fast", "slow")),
+    ("multirate_last_stage_k3", ("blocks_15", "head", "classifier"),
+     ("fast", "slow")),
     ("train_last_stage", ("blocks_15", "head", "classifier"),
      ("trained", "frozen")),
     ("train_classifier", ("classifier",), ("trained", "frozen")),
@@ -69,16 +71,20 @@ def test_last_stage_is_the_last_block_with_the_conv_head(efficientnet_params):
   assert max(blocks) == 15 and len(blocks) == 16
 
 
-@pytest.mark.parametrize("name", ["multirate_classifier",
-                                  "multirate_last_stage"])
-def test_multirate_optimizer_labels_follow_the_roles(efficientnet_params, name):
+@pytest.mark.parametrize("name, period", [
+    ("multirate_classifier", 5), ("multirate_last_stage", 5),
+    ("multirate_last_stage_k3", 3)])
+def test_multirate_optimizer_labels_and_period(efficientnet_params, name,
+                                               period):
   method = METHODS[name]
+  assert ft.FULL.period == 5
   optimizer = ft.make_optimizer(method, {r: 0.1 for r in method.rate_names},
                                 ft.FULL, steps=10)
   state = jax.eval_shape(optimizer.init, efficientnet_params)
   roles = ft.leaf_roles(method, efficientnet_params)
   assert state.labels == tuple(roles[p] for p in
                                ft.leaf_paths(efficientnet_params))
+  assert state.schedule.period == period
 
 
 def test_share_updated_every_step(efficientnet_params):
