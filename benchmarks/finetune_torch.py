@@ -262,7 +262,8 @@ def prepare_jax(method: finetune.Method, rates: dict[str, float],
                 settings: finetune.Settings, splits, pretrained,
                 seed: int) -> Runner:
   """The experiment's own step, compiled and warmed up once."""
-  model, variables = finetune.fresh_variables(pretrained, seed)
+  model, variables = finetune.fresh_variables(pretrained, seed,
+                                              NUM_DIGIT_CLASSES)
   steps = settings.epochs * (len(splits.train.labels) // settings.batch_size)
   optimizer = finetune.make_optimizer(method, rates, settings, steps)
   step = finetune.make_step(method, finetune.make_loss(model, settings.bn),
@@ -273,7 +274,8 @@ def prepare_jax(method: finetune.Method, rates: dict[str, float],
 
   def train_once():
     trained, seconds = finetune.fine_tune(
-        step, method, optimizer, finetune.fresh_variables(pretrained, seed)[1],
+        step, method, optimizer,
+        finetune.fresh_variables(pretrained, seed, NUM_DIGIT_CLASSES)[1],
         splits.train, settings, seed, lambda: None)
     return seconds, finetune.accuracy(predict, trained, splits.test,
                                       4 * settings.batch_size)

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from multirate_optax.data import Dataset, DigitsSplits, load_digits_splits
+from multirate_optax.data import Dataset, Splits, load_digits_splits
 from multirate_optax.experiments import finetune as ft
 from multirate_optax.models import HEAD_FEATURES, EfficientNetLite0
 
@@ -139,7 +139,7 @@ def tiny_pretrained(dropout_rate=0.2):
 @pytest.fixture(scope="module")
 def tiny_splits():
   splits = load_digits_splits(image_size=8, seed=0)
-  return DigitsSplits(*(Dataset(s.images[:n], s.labels[:n])
+  return Splits(*(Dataset(s.images[:n], s.labels[:n])
                         for s, n in zip(splits, (48, 20, 20))))
 
 
@@ -149,7 +149,7 @@ def cross_entropy(logits, labels):
 
 @pytest.mark.parametrize("bn", ["frozen", "train"])
 def test_batch_norm_option(tiny_splits, bn):
-  model, variables = ft.fresh_variables(tiny_pretrained(dropout_rate=0.0), 0)
+  model, variables = ft.fresh_variables(tiny_pretrained(dropout_rate=0.0), 0, 10)
   images, labels = tiny_splits.train.images[:16], tiny_splits.train.labels[:16]
   loss, batch_stats = jax.jit(ft.make_loss(model, bn))(
       variables["params"], variables["batch_stats"], images, labels,
@@ -173,7 +173,7 @@ def test_batch_norm_option(tiny_splits, bn):
 @pytest.mark.parametrize("bn", ["frozen", "train"])
 def test_batch_stats_over_training_steps(tiny_splits, bn):
   pretrained = tiny_pretrained()
-  model, variables = ft.fresh_variables(pretrained, 0)
+  model, variables = ft.fresh_variables(pretrained, 0, 10)
   before = jax.tree.map(np.array, variables["batch_stats"])
   method = METHODS["multirate_classifier"]
   settings = dataclasses.replace(ft.FULL, epochs=1, batch_size=16, bn=bn)
@@ -189,7 +189,7 @@ def test_batch_stats_over_training_steps(tiny_splits, bn):
 
 
 def test_plain_step_moves_only_the_trained_modules_by_sgd(tiny_splits):
-  model, variables = ft.fresh_variables(tiny_pretrained(dropout_rate=0.0), 0)
+  model, variables = ft.fresh_variables(tiny_pretrained(dropout_rate=0.0), 0, 10)
   params = jax.tree.map(np.array, variables["params"])
   method, rate = METHODS["train_last_stage"], 0.1
   optimizer = ft.make_optimizer(method, {"learning_rate": rate}, ft.FULL, 10)
@@ -213,7 +213,7 @@ def test_plain_step_moves_only_the_trained_modules_by_sgd(tiny_splits):
 @pytest.mark.parametrize("drift", [False, True])
 def test_slow_rate_is_the_displacement_per_cycle(tiny_splits, drift):
   """h_S moves the slow parameters by h_S * g_S over a cycle, drift or not."""
-  model, variables = ft.fresh_variables(tiny_pretrained(dropout_rate=0.0), 0)
+  model, variables = ft.fresh_variables(tiny_pretrained(dropout_rate=0.0), 0, 10)
   params = jax.tree.map(np.array, variables["params"])
   method = dataclasses.replace(METHODS["multirate_classifier"], drift=drift)
   settings = dataclasses.replace(ft.FULL, momentum=0.0, period=4)
@@ -365,6 +365,30 @@ def test_summary_statistics():
 def test_settings_refuse_an_unknown_batch_norm_mode():
   with pytest.raises(ValueError, match="bn must be 'frozen' or 'train'"):
     dataclasses.replace(ft.QUICK, bn="eval")
+
+
+def test_own_data_from_an_npz_file(tmp_path):
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(60, 12, 12, 3)).astype(np.float32)
+  labels = np.arange(60) % 3
+  np.savez(tmp_path / "mine.npz", images=images, labels=labels)
+  settings, _, data = ft.parse_args(["--data", str(tmp_path / "mine.npz")])
+  splits = ft.load_splits(settings, data)
+  assert [len(s.labels) for s in splits] == [42, 9, 9]
+  assert splits.num_classes == 3
+  everything = np.concatenate([s.images for s in splits])
+  assert sorted(map(bytes, everything)) == sorted(map(bytes, images))
+  np.savez(tmp_path / "wrong.npz", pictures=images, labels=labels)
+  with pytest.raises(ValueError, match=r"missing \['images'\]"):
+    ft.load_splits(settings, tmp_path / "wrong.npz")
+
+
+def test_digits_are_the_default_data():
+  settings, out, data = ft.parse_args(["--image-size", "16"])
+  assert data is None and out == Path("results/finetune")
+  splits = ft.load_splits(settings, data)
+  assert splits.train.images.shape[1:] == (16, 16, 3)
+  assert splits.num_classes == 10
 
 
 # --- The PyTorch peer's recipe, on a tiny model. ---

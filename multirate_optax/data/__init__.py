@@ -1,17 +1,19 @@
-"""Data for the fine-tuning experiments: scikit-learn's digits, and minibatches."""
+"""Data for the fine-tuning experiments: stratified splits, scikit-learn's digits, minibatches."""
 
 from multirate_optax.data.batches import shuffled_batches
 from multirate_optax.data.digits import (
-    IMAGENET_MEAN, IMAGENET_STD, NUM_DIGIT_CLASSES, Dataset, DigitsSplits,
-    digits_to_images, load_digits_splits)
+    IMAGENET_MEAN, IMAGENET_STD, NUM_DIGIT_CLASSES, digits_to_images,
+    load_digits_splits)
+from multirate_optax.data.splits import Dataset, Splits, stratified_splits
 
 __all__ = (
     "Dataset",
-    "DigitsSplits",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "NUM_DIGIT_CLASSES",
+    "Splits",
     "digits_to_images",
     "load_digits_splits",
     "shuffled_batches",
+    "stratified_splits",
 )

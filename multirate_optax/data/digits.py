@@ -3,18 +3,19 @@
 :func:`load_digits_splits` turns the 1,797 8x8 grey digits that ship inside
 scikit-learn into RGB images of a chosen size, normalised like ImageNet inputs
 so that an ImageNet-pretrained network can be fine-tuned on them, split into
-train/validation/test sets with the same class proportions. No download.
+train/validation/test sets with the same class proportions
+(:func:`~multirate_optax.data.stratified_splits`, which takes any
+``(images, labels)`` arrays). No download.
 :func:`multirate_optax.data.shuffled_batches` serves them as minibatches.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import numpy as np
 import sklearn.datasets
-import sklearn.model_selection
+
+from multirate_optax.data.splits import Splits, stratified_splits
 
 # Per-channel statistics of ImageNet's training images (RGB, values in [0, 1]),
 # the normalisation torchvision's pretrained models expect.
@@ -23,24 +24,6 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 NUM_DIGIT_CLASSES = 10
 _DIGITS_MAX_VALUE = 16.0  # The digits' pixel counts range over 0..16.
-
-
-class Dataset(NamedTuple):
-  """Examples of one split.
-
-  Attributes:
-    images: float32, shape (n, size, size, 3), ImageNet-normalised.
-    labels: int32, shape (n,).
-  """
-  images: np.ndarray
-  labels: np.ndarray
-
-
-class DigitsSplits(NamedTuple):
-  """The three disjoint splits of the digits."""
-  train: Dataset
-  validation: Dataset
-  test: Dataset
 
 
 def digits_to_images(digits: np.ndarray, image_size: int) -> np.ndarray:
@@ -74,23 +57,12 @@ def digits_to_images(digits: np.ndarray, image_size: int) -> np.ndarray:
   return (resized[..., None] - IMAGENET_MEAN) / IMAGENET_STD
 
 
-def _split_size(fraction: float, total: int, name: str) -> int:
-  if not 0.0 < fraction < 1.0:
-    raise ValueError(f"{name} must be a fraction in (0, 1), got {fraction!r}.")
-  size = round(fraction * total)
-  if size < NUM_DIGIT_CLASSES:
-    raise ValueError(
-        f"{name}={fraction} gives {size} of {total} examples, fewer than one "
-        f"per class ({NUM_DIGIT_CLASSES}); a stratified split needs more.")
-  return size
-
-
 def load_digits_splits(
     image_size: int = 32,
     validation_fraction: float = 0.15,
     test_fraction: float = 0.15,
     seed: int = 0,
-) -> DigitsSplits:
+) -> Splits:
   """scikit-learn's digits as a stratified train/validation/test split of RGB images.
 
   Args:
@@ -114,23 +86,6 @@ def load_digits_splits(
       image_size < 8):
     raise ValueError(f"image_size must be an int >= 8, got {image_size!r}.")
   digits = sklearn.datasets.load_digits()
-  labels = digits.target.astype(np.int32)
-  total = len(labels)
-  test_size = _split_size(test_fraction, total, "test_fraction")
-  validation_size = _split_size(validation_fraction, total,
-                                "validation_fraction")
-  if test_size + validation_size + NUM_DIGIT_CLASSES > total:
-    raise ValueError(
-        f"validation_fraction={validation_fraction} and test_fraction="
-        f"{test_fraction} leave {total - test_size - validation_size} of "
-        f"{total} examples for training.")
-  random_state = np.random.RandomState(seed)
-  rest, test = sklearn.model_selection.train_test_split(
-      np.arange(total), test_size=test_size, stratify=labels,
-      random_state=random_state)
-  train, validation = sklearn.model_selection.train_test_split(
-      rest, test_size=validation_size, stratify=labels[rest],
-      random_state=random_state)
-  images = digits_to_images(digits.images, image_size)
-  return DigitsSplits(*(Dataset(images[indices], labels[indices])
-                        for indices in (train, validation, test)))
+  return stratified_splits(digits_to_images(digits.images, image_size),
+                           digits.target, validation_fraction, test_fraction,
+                           seed)

@@ -1,0 +1,103 @@
+"""Stratified train/validation/test splits of any ``(images, labels)`` arrays."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import sklearn.model_selection
+
+
+class Dataset(NamedTuple):
+  """Examples of one split.
+
+  Attributes:
+    images: float32, shape (n, height, width, channels).
+    labels: int32, shape (n,), class indices from 0.
+  """
+  images: np.ndarray
+  labels: np.ndarray
+
+
+class Splits(NamedTuple):
+  """Three disjoint splits of one data set."""
+  train: Dataset
+  validation: Dataset
+  test: Dataset
+
+  @property
+  def num_classes(self) -> int:
+    """One more than the largest label of any split."""
+    return 1 + max(int(split.labels.max()) for split in self)
+
+
+def _split_size(fraction: float, total: int, name: str,
+                num_classes: int) -> int:
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(f"{name} must be a fraction in (0, 1), got {fraction!r}.")
+  size = round(fraction * total)
+  if size < num_classes:
+    raise ValueError(
+        f"{name}={fraction} gives {size} of {total} examples, fewer than one "
+        f"per class ({num_classes}); a stratified split needs more.")
+  return size
+
+
+def stratified_splits(
+    images: np.ndarray,
+    labels: np.ndarray,
+    validation_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+) -> Splits:
+  """Splits examples into train/validation/test with the same class proportions.
+
+  Args:
+    images: shape (n, height, width, channels); stored as float32.
+    labels: shape (n,), integer class indices from 0; stored as int32.
+    validation_fraction: share of the examples in the validation split
+      (rounded to a whole number of examples).
+    test_fraction: share in the test split; the rest is the train split.
+    seed: fixes the split; the same seed always gives the same split.
+
+  Returns:
+    The splits, each with every class in (nearly) the proportion it has in
+    the whole data set.
+
+  Example:
+    >>> import numpy as np
+    >>> from multirate_optax.data import stratified_splits
+    >>> labels = np.arange(100) % 4
+    >>> splits = stratified_splits(np.zeros((100, 8, 8, 3)), labels, seed=0)
+    >>> [len(split.labels) for split in splits], splits.num_classes
+    ([70, 15, 15], 4)
+  """
+  images = np.asarray(images, np.float32)
+  labels = np.asarray(labels)
+  if images.ndim != 4 or labels.shape != images.shape[:1]:
+    raise ValueError(
+        "images must have shape (n, height, width, channels) and labels shape "
+        f"(n,), got {images.shape} and {labels.shape}.")
+  if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+    raise ValueError(
+        f"labels must be integer class indices >= 0, got dtype {labels.dtype} "
+        f"and minimum {labels.min()}.")
+  labels = labels.astype(np.int32)
+  total, num_classes = len(labels), len(np.unique(labels))
+  test_size = _split_size(test_fraction, total, "test_fraction", num_classes)
+  validation_size = _split_size(validation_fraction, total,
+                                "validation_fraction", num_classes)
+  if test_size + validation_size + num_classes > total:
+    raise ValueError(
+        f"validation_fraction={validation_fraction} and test_fraction="
+        f"{test_fraction} leave {total - test_size - validation_size} of "
+        f"{total} examples for training.")
+  random_state = np.random.RandomState(seed)
+  rest, test = sklearn.model_selection.train_test_split(
+      np.arange(total), test_size=test_size, stratify=labels,
+      random_state=random_state)
+  train, validation = sklearn.model_selection.train_test_split(
+      rest, test_size=validation_size, stratify=labels[rest],
+      random_state=random_state)
+  return Splits(*(Dataset(images[indices], labels[indices])
+                  for indices in (train, validation, test)))

@@ -1,0 +1,69 @@
+"""Stratified splits of any (images, labels) arrays."""
+
+import numpy as np
+import pytest
+
+from multirate_optax.data import Splits, stratified_splits
+
+
+def toy(n=200, classes=4, seed=0):
+  """Distinct images (the first pixel is the example's index), unbalanced labels."""
+  rng = np.random.default_rng(seed)
+  images = rng.normal(size=(n, 6, 5, 3)).astype(np.float32)
+  images[:, 0, 0, 0] = np.arange(n)
+  labels = np.minimum(rng.geometric(0.4, size=n) - 1, classes - 1)
+  return images, labels
+
+
+def indices_of(split):
+  return split.images[:, 0, 0, 0].astype(int)
+
+
+def test_splits_partition_the_examples_and_keep_pairs():
+  images, labels = toy()
+  splits = stratified_splits(images, labels, validation_fraction=0.2,
+                             test_fraction=0.25, seed=0)
+  assert isinstance(splits, Splits)
+  assert [len(s.labels) for s in splits] == [110, 40, 50]
+  found = np.concatenate([indices_of(s) for s in splits])
+  assert sorted(found) == list(range(200))
+  for split in splits:
+    np.testing.assert_array_equal(split.images, images[indices_of(split)])
+    np.testing.assert_array_equal(split.labels, labels[indices_of(split)])
+    assert split.images.dtype == np.float32 and split.labels.dtype == np.int32
+
+
+def test_splits_keep_the_class_proportions():
+  images, labels = toy()
+  counts = np.bincount(labels)
+  assert counts.min() < counts.max() / 2  # unbalanced on purpose
+  for split in stratified_splits(images, labels, seed=3):
+    expected = counts * len(split.labels) / len(labels)
+    assert np.all(np.abs(np.bincount(split.labels, minlength=4) - expected)
+                  <= 1)
+
+
+def test_split_depends_only_on_the_seed():
+  images, labels = toy()
+  first, again, other = (stratified_splits(images, labels, seed=seed)
+                         for seed in (0, 0, 1))
+  for a, b, c in zip(first, again, other):
+    np.testing.assert_array_equal(indices_of(a), indices_of(b))
+    assert set(indices_of(a)) != set(indices_of(c))
+
+
+def test_num_classes_is_one_more_than_the_largest_label():
+  images, labels = toy(classes=4)
+  assert stratified_splits(images, labels).num_classes == 4
+
+
+@pytest.mark.parametrize("images, labels, message", [
+    (np.zeros((10, 4, 4)), np.zeros(10, int), "images must have shape"),
+    (np.zeros((10, 4, 4, 3)), np.zeros(9, int), "labels shape"),
+    (np.zeros((10, 4, 4, 3)), np.zeros(10), "integer class indices"),
+    (np.zeros((10, 4, 4, 3)), -np.ones(10, int), "minimum -1"),
+    (np.zeros((30, 4, 4, 3)), np.arange(30) % 10, "fewer than one per class"),
+])
+def test_bad_inputs_are_refused(images, labels, message):
+  with pytest.raises(ValueError, match=message):
+    stratified_splits(images, labels)
