@@ -67,14 +67,8 @@ def load_digits_splits(
 
   Args:
     image_size: side of the square images, e.g. 32 or 64 (at least 8).
-    validation_fraction: share of the 1,797 examples in the validation split
-      (rounded to a whole number of examples).
-    test_fraction: share in the test split; the rest is the train split.
-    seed: fixes the split; the same seed always gives the same split.
-
-  Returns:
-    The splits, each with every class in (nearly) the same proportion as in
-    the whole data set.
+    validation_fraction, test_fraction, seed: of the split of the 1,797
+      examples, as for :func:`~multirate_optax.data.stratified_splits`.
 
   Example:
     >>> from multirate_optax.data import load_digits_splits
