@@ -360,6 +360,10 @@ def test_summary_statistics():
   assert first["test_accuracy_std"] == pytest.approx(np.std([90, 80], ddof=1))
   assert second["test_accuracy_std"] == 0.0
   assert second["time_vs_train_all"] == pytest.approx(0.5)
+  assert (first["seeds"], second["seeds"]) == (2, 1)
+  table = ft.format_table([first, second], ft.FULL)
+  assert "85.00 ± 7.07" in table  # One seed: no spread shown.
+  assert "70.00 " in table and "70.00 ±" not in table
 
 
 def test_settings_refuse_an_unknown_batch_norm_mode():

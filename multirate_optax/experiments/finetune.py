@@ -571,6 +571,7 @@ def summarise(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         "rates": result["rates"],
         "test_accuracy_mean": float(accuracies.mean()),
         "test_accuracy_std": float(accuracies.std(ddof=ddof)),
+        "seeds": len(accuracies),
         "train_seconds_mean": float(seconds.mean()),
         "train_seconds_std": float(seconds.std(ddof=ddof)),
         "compile_seconds": result["compile_seconds"],
@@ -609,7 +610,9 @@ def format_table(rows: Sequence[Mapping[str, Any]], settings: Settings) -> str:
   header = ("method", "rates", "test acc. %", "train s", "x train-all",
             "compile s", "every step")
   lines = [[row["label"], format_rates(row["rates"]),
-            f"{row['test_accuracy_mean']:.2f} ± {row['test_accuracy_std']:.2f}",
+            f"{row['test_accuracy_mean']:.2f}" + (
+                f" ± {row['test_accuracy_std']:.2f}" if row["seeds"] > 1
+                else ""),
             f"{row['train_seconds_mean']:.1f}",
             ("-" if row["time_vs_train_all"] is None
              else f"{row['time_vs_train_all']:.2f}"),
