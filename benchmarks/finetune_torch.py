@@ -32,12 +32,11 @@ parameters; :func:`multirate_optax.train_step` with ``'host'`` dispatch).
 
 Timings exclude compilation and warm-up (each framework first runs a slow and
 a fast step on a throwaway model). The four training runs are repeated in
-rounds (``--repeats``) and each one's fastest run is reported, the one least
-disturbed by other load on the machine. ``torch.set_num_threads`` is set to the
-number of CPU cores, and ``torch.set_flush_denormal(True)``: XLA:CPU flushes
-subnormal floats to zero by default, PyTorch does not, and without it some of
-this fine-tuning's train-all steps took about 7 s instead of about 0.13 s on a
-2-core CPU. Run::
+rounds (``--repeats``), interleaved, and each one's median time is reported.
+``torch.set_num_threads`` is set to the number of CPU cores, and
+``torch.set_flush_denormal(True)``: XLA:CPU flushes subnormal floats to zero
+by default, PyTorch does not, and without it some of this fine-tuning's
+train-all steps took about 7 s instead of about 0.13 s on a 2-core CPU. Run::
 
   python benchmarks/finetune_torch.py --quick --json results/finetune_torch.json
 """
@@ -286,15 +285,14 @@ def prepare_jax(method: finetune.Method, rates: dict[str, float],
 def measure(runners: dict[str, Runner], repeats: int) -> dict[str, dict]:
   """Runs every runner ``repeats`` times, interleaved (one round at a time).
 
-  The reported time is the minimum over the rounds, the run least disturbed by
-  other load on the machine; every run's time is kept. Runs are seeded alike,
-  so the accuracy is that of the last round.
+  The reported time is the median over the rounds; every run's time is kept.
+  Runs are seeded alike, so the accuracy is that of the last round.
   """
   runs = {name: [] for name in runners}
   for _ in range(repeats):
     for name, runner in runners.items():
       runs[name].append(runner.train_once())
-  return {name: {"train_seconds": min(s for s, _ in results),
+  return {name: {"train_seconds": float(np.median([s for s, _ in results])),
                  "train_seconds_runs": [s for s, _ in results],
                  "test_accuracy": results[-1][1],
                  "warm_up_seconds": runners[name].warm_up_seconds}
@@ -334,7 +332,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                       "(default: its best, fast = last stage + head)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--repeats", type=int, default=3,
-                      help="timed runs per method; the fastest is reported")
+                      help="timed runs per method; the median is reported")
   parser.add_argument("--json", type=Path, help="write the results here")
   args = parser.parse_args(argv)
   torch.set_num_threads(TORCH_THREADS)
@@ -377,7 +375,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             "epochs": settings.epochs, "image_size": settings.image_size,
             "batch_size": settings.batch_size,
             "period": multirate.period_in(settings),
-            "repeats": args.repeats, "train_all_rates": TRAIN_ALL,
+            "repeats": args.repeats, "reported_time": "median of the repeats",
+            "train_all_rates": TRAIN_ALL,
             "multirate_method": args.method,
             "multirate_rates": multirate_rates,
             "load_average_at_end": os.getloadavg(), "frameworks": frameworks}
