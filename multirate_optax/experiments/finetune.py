@@ -211,7 +211,8 @@ FULL_GRIDS = {
     "train_last_stage": {"learning_rate": (0.001, 0.003, 0.01)},
     "train_classifier": {"learning_rate": (0.01, 0.03, 0.1)},
 }
-# One grid point per method: what the full run's selection picked.
+# One grid point per method: what the full run's selection picked (BatchNorm
+# frozen; benchmarks/results/finetune_full.json).
 QUICK_GRIDS = {
     "train_all": {"learning_rate": (0.001,)},
     "multirate_classifier": {"fast_learning_rate": (0.001,),
@@ -592,7 +593,8 @@ def describe(settings: Settings) -> str:
   selected = any(len(rate_candidates(grid)) > 1
                  for grid in settings.grids.values())
   rates = ("rates selected on the validation split" if selected else
-           "rates fixed (the full run's selections on the validation split)")
+           "rates fixed (the selections of the full run with BatchNorm "
+           "frozen, on the validation split)")
   return (f"{kind}: {settings.epochs} epochs, batch {settings.batch_size}, "
           f"{settings.image_size}x{settings.image_size} images, k = "
           f"{settings.period} (unless a label says otherwise), BatchNorm {settings.bn}, seeds "
