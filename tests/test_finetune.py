@@ -140,7 +140,7 @@ def tiny_pretrained(dropout_rate=0.2):
 def tiny_splits():
   splits = load_digits_splits(image_size=8, seed=0)
   return Splits(*(Dataset(s.images[:n], s.labels[:n])
-                        for s, n in zip(splits, (48, 20, 20))))
+                  for s, n in zip(splits, (48, 20, 20))))
 
 
 def cross_entropy(logits, labels):
@@ -149,7 +149,8 @@ def cross_entropy(logits, labels):
 
 @pytest.mark.parametrize("bn", ["frozen", "train"])
 def test_batch_norm_option(tiny_splits, bn):
-  model, variables = ft.fresh_variables(tiny_pretrained(dropout_rate=0.0), 0, 10)
+  model, variables = ft.fresh_variables(
+      tiny_pretrained(dropout_rate=0.0), 0, 10)
   images, labels = tiny_splits.train.images[:16], tiny_splits.train.labels[:16]
   loss, batch_stats = jax.jit(ft.make_loss(model, bn))(
       variables["params"], variables["batch_stats"], images, labels,
@@ -189,7 +190,8 @@ def test_batch_stats_over_training_steps(tiny_splits, bn):
 
 
 def test_plain_step_moves_only_the_trained_modules_by_sgd(tiny_splits):
-  model, variables = ft.fresh_variables(tiny_pretrained(dropout_rate=0.0), 0, 10)
+  model, variables = ft.fresh_variables(
+      tiny_pretrained(dropout_rate=0.0), 0, 10)
   params = jax.tree.map(np.array, variables["params"])
   method, rate = METHODS["train_last_stage"], 0.1
   optimizer = ft.make_optimizer(method, {"learning_rate": rate}, ft.FULL, 10)
@@ -213,7 +215,8 @@ def test_plain_step_moves_only_the_trained_modules_by_sgd(tiny_splits):
 @pytest.mark.parametrize("drift", [False, True])
 def test_slow_rate_is_the_displacement_per_cycle(tiny_splits, drift):
   """h_S moves the slow parameters by h_S * g_S over a cycle, drift or not."""
-  model, variables = ft.fresh_variables(tiny_pretrained(dropout_rate=0.0), 0, 10)
+  model, variables = ft.fresh_variables(
+      tiny_pretrained(dropout_rate=0.0), 0, 10)
   params = jax.tree.map(np.array, variables["params"])
   method = dataclasses.replace(METHODS["multirate_classifier"], drift=drift)
   settings = dataclasses.replace(ft.FULL, momentum=0.0, period=4)
