@@ -1,48 +1,67 @@
 """Multirate training for JAX/Optax.
 
 Update different parts of a network at different rates, and do no backward
-work for the parts that are not being updated on a step.
+work for the parts that are not being updated on a step. The Flax adapters,
+:mod:`multirate_optax.linen` and :mod:`multirate_optax.nnx`, are imported on
+first use, so importing this package does not import Flax.
 """
 
+import importlib
+from typing import Any
+
 from multirate_optax._cost import CostEstimate, estimate_saving
+from multirate_optax._dispatch import resolve_dispatch
 from multirate_optax._freezeout import (
-    FreezeOutSchedule, freezeout, keep_frozen, layers_by_module)
+    FreezeOutTimetable, freezeout, keep_frozen, layers_by_module)
 from multirate_optax._groups import fast_by_depth, fast_by_path, path_str
+from multirate_optax._multirate import (
+    MultirateTimetable, in_slow_steps, multirate)
 from multirate_optax._random_subgroups import (
-    RandomSubgroupsSchedule, RandomSubgroupsState, full_weights,
-    random_subgroups)
-from multirate_optax._multirate import SlowState, in_slow_steps, multirate
-from multirate_optax._schedule import (
-    MultirateSchedule, Schedule, ScheduleState, find_schedule_state)
-from multirate_optax._train_step import TrainStep, resolve_dispatch, train_step
-from multirate_optax import linen, nnx  # Flax Linen and NNX integrations.
+    RandomSubgroupsState, RandomSubgroupsTimetable, full_weights,
+    random_subgroups, random_subgroups_state)
+from multirate_optax._timetable import (
+    Timetable, TimetableState, find_timetable_state)
+from multirate_optax._timetabled import GateState
+from multirate_optax._train_step import TrainStep, train_step
 
 __version__ = "0.1.0"
+
+_LAZY_SUBMODULES = ("checkpoint", "linen", "nnx")
 
 __all__ = (
     "CostEstimate",
     "estimate_saving",
     "fast_by_depth",
     "fast_by_path",
-    "find_schedule_state",
+    "find_timetable_state",
     "freezeout",
-    "FreezeOutSchedule",
+    "FreezeOutTimetable",
     "full_weights",
+    "GateState",
     "in_slow_steps",
     "keep_frozen",
     "layers_by_module",
-    "linen",
     "multirate",
-    "MultirateSchedule",
-    "nnx",
+    "MultirateTimetable",
     "path_str",
     "random_subgroups",
-    "RandomSubgroupsSchedule",
+    "random_subgroups_state",
     "RandomSubgroupsState",
+    "RandomSubgroupsTimetable",
     "resolve_dispatch",
-    "Schedule",
-    "ScheduleState",
-    "SlowState",
+    "Timetable",
+    "TimetableState",
     "train_step",
     "TrainStep",
-)
+) + _LAZY_SUBMODULES
+
+
+def __getattr__(name: str) -> Any:
+  # Flax and orbax load only when their adapters are first used.
+  if name in _LAZY_SUBMODULES:
+    return importlib.import_module(f"{__name__}.{name}")
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_LAZY_SUBMODULES))

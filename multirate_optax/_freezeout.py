@@ -4,7 +4,7 @@ Each layer ``i`` (counted from the input) trains with its own cosine-annealed
 learning rate that reaches zero at a fraction ``t_i`` of training; from then
 on it is frozen. Layers freeze in order, so at any step the frozen layers are
 a prefix of the network, and the train step neither differentiates them nor
-backpropagates into them. The phases of the schedule are the sets of layers
+backpropagates into them. The phases of its timetable are the sets of layers
 still training.
 """
 
@@ -21,28 +21,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from multirate_optax._groups import (
-    Labels, check_labels_fit, labels_like, resolve_labels)
-from multirate_optax._schedule import (
-    Schedule, ScheduleState, Step)
+from multirate_optax._checks import whole_number
+from multirate_optax._groups import Labels, resolve_labels
+from multirate_optax._timetable import Step, Timetable
+from multirate_optax._timetabled import gated, timetabled
 
 PyTree = Any
 Spacing = Literal["linear", "squared", "cubic"]
 _EXPONENTS = {"linear": 1, "squared": 2, "cubic": 3}
 
 
-def _check_whole(value: Any, name: str, minimum: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise TypeError(
-        f"{name} must be an int >= {minimum}, got {value!r} of type "
-        f"{type(value).__name__}.")
-  if value < minimum:
-    raise ValueError(f"{name} must be an int >= {minimum}, got {value}.")
-  return int(value)
-
-
 @dataclasses.dataclass(frozen=True)
-class FreezeOutSchedule(Schedule):
+class FreezeOutTimetable(Timetable):
   """When each layer freezes, and its learning-rate factor until then.
 
   Layer ``i`` of ``I + 1`` layers (``i = 0`` nearest the input, ``I`` the
@@ -57,7 +47,8 @@ class FreezeOutSchedule(Schedule):
 
   The group of layer ``i`` is named ``str(i)``. Phase ``p`` holds the layers
   that are not frozen yet after the ``p``-th distinct freeze step; the last
-  phase, from ``total_steps`` on, has no layer left.
+  phase, from ``total_steps`` on, has no layer left. (A timetable of which
+  layers train, with their learning-rate factors; not an ``optax.Schedule``.)
 
   Attributes:
     num_layers: the number of layers, ``I + 1``.
@@ -76,8 +67,10 @@ class FreezeOutSchedule(Schedule):
   scaled: bool = True
 
   def __post_init__(self):
-    _check_whole(self.num_layers, "num_layers", 1)
-    _check_whole(self.total_steps, "total_steps", 1)
+    object.__setattr__(self, "num_layers",
+                       whole_number(self.num_layers, "num_layers"))
+    object.__setattr__(self, "total_steps",
+                       whole_number(self.total_steps, "total_steps"))
     if not 0.0 < self.t_0 <= 1.0:
       raise ValueError(f"t_0 must be in (0, 1], got {self.t_0!r}.")
     if self.spacing not in _EXPONENTS:
@@ -193,41 +186,16 @@ def _resolve_layers(layers: Labels, tree: PyTree, num_layers: int,
   return tuple(int(layer) for layer in per_leaf)
 
 
-def _frozen_layer(
-    optimizer: optax.GradientTransformationExtraArgs,
-    schedule: FreezeOutSchedule,
-    layer: int,
-    count: Union[jax.Array, None],
-) -> optax.GradientTransformationExtraArgs:
-  """``optimizer`` scaled by the layer's factor, and held once it is frozen."""
-
-  def update_fn(updates, state, params=None, **extra_args):
-    def train():
-      new_updates, new_state = optimizer.update(
-          updates, state, params, **extra_args)
-      factor = schedule.learning_rate_factor(layer, count)
-      return jax.tree.map(lambda u: (u * factor).astype(u.dtype),
-                          new_updates), new_state
-
-    def frozen():
-      shapes, _ = jax.eval_shape(train)
-      return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), state
-
-    return jax.lax.cond(schedule.is_frozen(layer, count), frozen, train)
-
-  return optax.GradientTransformationExtraArgs(optimizer.init, update_fn)
-
-
 def freezeout(
     optimizer: optax.GradientTransformation,
-    schedule: FreezeOutSchedule,
+    timetable: FreezeOutTimetable,
     *,
     layers: Labels,
 ) -> optax.GradientTransformationExtraArgs:
   """FreezeOut: layer-wise cosine learning rates, freezing layers in order.
 
   Each layer has its own copy of ``optimizer`` (its own momentum, say), whose
-  updates are multiplied by the layer's ``schedule.learning_rate_factor`` at
+  updates are multiplied by the layer's ``timetable.learning_rate_factor`` at
   the current step: with ``optimizer = optax.sgd(alpha, ...)`` layer ``i``
   moves with rate ``alpha_i(t)``. From its freeze step on, a layer gets
   exactly zero update and its optimizer state is left untouched.
@@ -247,9 +215,9 @@ def freezeout(
     optimizer: the optimizer of one layer, with the base learning rate
       ``alpha`` (0.1 in the paper; SGD with Nesterov momentum 0.9 and weight
       decay ``1e-4``).
-    schedule: the :class:`FreezeOutSchedule`, with the number of steps
+    timetable: the :class:`FreezeOutTimetable`, with the number of steps
       training will really run.
-    layers: the layer index (``0 .. schedule.num_layers - 1``, from the input)
+    layers: the layer index (``0 .. timetable.num_layers - 1``, from the input)
       of each parameter, as a pytree with the parameters' structure or a
       prefix of it (``{'conv': 0, 'block': 1, 'head': 2}``), or a callable
       returning one such as :func:`layers_by_module`. Every layer must have at
@@ -257,17 +225,17 @@ def freezeout(
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs` whose state is a
-    :class:`ScheduleState` with ``schedule``.
+    :class:`TimetableState` with ``timetable``.
 
   Example:
     >>> import jax.numpy as jnp, optax
     >>> import multirate_optax as mo
     >>> params = {'conv': jnp.ones(2), 'head': jnp.ones(2)}
-    >>> schedule = mo.FreezeOutSchedule(num_layers=2, total_steps=10, t_0=0.5,
+    >>> timetable = mo.FreezeOutTimetable(num_layers=2, total_steps=10, t_0=0.5,
     ...                                 spacing='linear')
-    >>> schedule.freeze_steps
+    >>> timetable.freeze_steps
     (5, 10)
-    >>> tx = mo.freezeout(optax.sgd(0.1), schedule, layers=mo.layers_by_module)
+    >>> tx = mo.freezeout(optax.sgd(0.1), timetable, layers=mo.layers_by_module)
     >>> def loss_fn(params):
     ...   return jnp.sum(params['conv'] + params['head'])
     >>> step = mo.train_step(loss_fn, tx)
@@ -283,44 +251,36 @@ def freezeout(
     Brock, Lim, Ritchie, Weston, `FreezeOut: Accelerate Training by
     Progressively Freezing Layers <https://arxiv.org/abs/1706.04983>`_, 2017.
   """
-  if not isinstance(schedule, FreezeOutSchedule):
+  if not isinstance(timetable, FreezeOutTimetable):
     raise TypeError(
-        f"schedule must be a FreezeOutSchedule, got {type(schedule).__name__}.")
-  optimizer = optax.with_extra_args_support(optimizer)
-  groups = tuple(str(i) for i in range(schedule.num_layers))
+        "timetable must be a FreezeOutTimetable, got "
+        f"{type(timetable).__name__}.")
+  names = tuple(str(i) for i in range(timetable.num_layers))
 
-  def partition(count, per_leaf_labels):
-    return optax.partition(
-        {group: _frozen_layer(optimizer, schedule, i, count)
-         for i, group in enumerate(groups)},
-        per_leaf_labels)
-
-  def init_fn(params):
-    per_leaf = _resolve_layers(layers, params, schedule.num_layers, "params")
-    empty = sorted(set(range(schedule.num_layers)) - set(per_leaf))
+  def labels(params) -> tuple[str, ...]:
+    per_leaf = _resolve_layers(layers, params, timetable.num_layers, "params")
+    empty = sorted(set(range(timetable.num_layers)) - set(per_leaf))
     if empty:
       raise ValueError(
-          f"layers {empty} have no parameters; the schedule has "
-          f"{schedule.num_layers} layers, numbered 0 to "
-          f"{schedule.num_layers - 1}, and each needs at least one.")
-    labels = tuple(groups[i] for i in per_leaf)
-    inner = partition(None, labels_like(labels)).init(params)
-    return ScheduleState(count=jnp.zeros([], jnp.int32), inner=inner,
-                         schedule=schedule, labels=labels)
+          f"layers {empty} have no parameters; the timetable has "
+          f"{timetable.num_layers} layers, numbered 0 to "
+          f"{timetable.num_layers - 1}, and each needs at least one.")
+    return tuple(names[i] for i in per_leaf)
 
-  def update_fn(updates, state, params=None, **extra_args):
-    check_labels_fit(state.labels, updates, "the updates")
-    updates, inner = partition(state.count, labels_like(state.labels)).update(
-        updates, state.inner, params, **extra_args)
-    return updates, state.advanced(inner)
+  def groups(count):
+    if count is None:
+      return {name: gated(optimizer, None) for name in names}
+    return {name: gated(optimizer, jnp.logical_not(timetable.is_frozen(i, count)),
+                        scale=timetable.learning_rate_factor(i, count))
+            for i, name in enumerate(names)}
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return timetabled(timetable, labels=labels, groups=groups)
 
 
 def keep_frozen(
     new: PyTree,
     old: PyTree,
-    schedule: FreezeOutSchedule,
+    timetable: FreezeOutTimetable,
     *,
     layers: Labels,
     step: Step,
@@ -335,7 +295,7 @@ def keep_frozen(
   Args:
     new: the values the train step at ``step`` produced (e.g. ``batch_stats``).
     old: the values before that step, with the structure of ``new``.
-    schedule: the schedule given to :func:`freezeout`.
+    timetable: the timetable given to :func:`freezeout`.
     layers: the layer index of each leaf of ``new``, as for :func:`freezeout`;
       the ``{module: layer}`` mapping given there works as it is.
     step: the index of the train step (from 0) that produced ``new``. With a
@@ -347,14 +307,14 @@ def keep_frozen(
   Example:
     >>> import jax.numpy as jnp
     >>> import multirate_optax as mo
-    >>> schedule = mo.FreezeOutSchedule(num_layers=2, total_steps=10, t_0=0.5)
+    >>> timetable = mo.FreezeOutTimetable(num_layers=2, total_steps=10, t_0=0.5)
     >>> layers = {'bn': 0, 'head': 1}
     >>> old = {'bn': {'mean': jnp.zeros(2)}}
     >>> new = {'bn': {'mean': jnp.ones(2)}}
-    >>> mo.keep_frozen(new, old, schedule, layers=layers, step=2)['bn']['mean']
+    >>> mo.keep_frozen(new, old, timetable, layers=layers, step=2)['bn']['mean']
     Array([0., 0.], dtype=float32)
   """
-  per_leaf = _resolve_layers(layers, new, schedule.num_layers, "new")
+  per_leaf = _resolve_layers(layers, new, timetable.num_layers, "new")
   new_leaves, treedef = jax.tree.flatten(new)
   old_leaves = jax.tree.leaves(old)
   if len(old_leaves) != len(new_leaves):
@@ -362,9 +322,9 @@ def keep_frozen(
         f"old has {len(old_leaves)} leaves and new {len(new_leaves)}; they "
         "need the same structure.")
   if isinstance(step, (int, np.integer)):
-    kept = [o if schedule.is_frozen(layer, step) else n
+    kept = [o if timetable.is_frozen(layer, step) else n
             for n, o, layer in zip(new_leaves, old_leaves, per_leaf)]
   else:
-    kept = [jnp.where(schedule.is_frozen(layer, step), o, n)
+    kept = [jnp.where(timetable.is_frozen(layer, step), o, n)
             for n, o, layer in zip(new_leaves, old_leaves, per_leaf)]
   return jax.tree.unflatten(treedef, kept)

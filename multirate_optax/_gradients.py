@@ -33,7 +33,8 @@ def check_loss_signature(loss_fn: Callable[..., Any], num_args: int) -> None:
         f"{e}.") from None
 
 
-def _checked_loss(loss_fn: Callable[..., Any], has_aux: bool):
+def checked_loss(loss_fn: Callable[..., Any], has_aux: bool):
+  """``loss_fn``, raising a clear TypeError when its output is not a loss."""
   def loss(params, *args):
     out = loss_fn(params, *args)
     if has_aux:
@@ -76,13 +77,15 @@ def value_and_active_grad(
     inactive leaves.
   """
   active = tuple(active)
-  loss = _checked_loss(loss_fn, has_aux)
+  loss = checked_loss(loss_fn, has_aux)
 
   def value_and_grad(params, *args):
     leaves, treedef = jax.tree.flatten(params)
     if len(leaves) != len(active):
       raise ValueError(
-          f"params has {len(leaves)} leaves, the schedule's labels {len(active)}.")
+          f"the parameters have {len(leaves)} leaves, but the optimizer was "
+          f"built for {len(active)}: pass the parameters (the model) the "
+          "optimizer was built for.")
 
     def restricted_loss(active_leaves, *args):
       it = iter(active_leaves)

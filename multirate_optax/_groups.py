@@ -15,6 +15,8 @@ from typing import Any, Union
 
 import jax
 
+from multirate_optax._checks import not_a_step_count, whole_number
+
 PyTree = Any
 Labels = Union[PyTree, Callable[[PyTree], PyTree]]
 
@@ -108,16 +110,6 @@ def resolve_labels(
   return names
 
 
-def check_labels_fit(labels: tuple[str, ...], tree: PyTree, what: str) -> None:
-  """Raises if ``tree`` does not have one leaf per resolved label."""
-  found = len(jax.tree.leaves(tree))
-  if found != len(labels):
-    raise ValueError(
-        f"{what} has {found} leaves but the optimizer state was initialised "
-        f"for parameters with {len(labels)} leaves; call init again with "
-        "parameters of this structure.")
-
-
 def labels_like(per_leaf: tuple[str, ...]) -> Callable[[PyTree], PyTree]:
   """A labels function giving each leaf of a tree its resolved group name."""
   return lambda tree: jax.tree.unflatten(jax.tree.structure(tree), per_leaf)
@@ -150,6 +142,7 @@ def fast_by_path(
     predicate = lambda path: pattern.search(path) is not None
 
   def labels(params: PyTree) -> PyTree:
+    not_a_step_count(params, "the labels function of fast_by_path")
     return jax.tree_util.tree_map_with_path(
         lambda path, _: FAST if predicate(path_str(path)) else SLOW, params)
 
@@ -164,7 +157,8 @@ def fast_by_depth(n: int) -> Callable[[PyTree], PyTree]:
   comes after ``Dense_9``, unlike in ``jax.tree.leaves``' sorted order).
   JAX transformations (``jit``, ``tree.map``, ``optax.apply_updates``) return
   dicts with sorted keys, so call ``init`` with the parameters as the model's
-  ``init`` (or a loader) returns them; the labels are resolved there, once.
+  ``init`` (or a loader) returns them: the order seen on the first call for a
+  set of module names is kept for that set.
 
   Args:
     n: how many top-level modules, counted from the end, are fast.
@@ -179,10 +173,14 @@ def fast_by_depth(n: int) -> Callable[[PyTree], PyTree]:
     >>> mo.fast_by_depth(1)(params)
     {'conv': {'kernel': 'slow'}, 'head': {'kernel': 'fast'}}
   """
-  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-    raise ValueError(f"fast_by_depth needs a whole number n >= 1, got {n!r}.")
+  n = whole_number(n, "fast_by_depth's n")
+  # The order is read once per set of module names: parameters that went
+  # through a JAX transformation come back with sorted keys, and the labels
+  # must not change when the optimizer checks them on those.
+  fast_of: dict[frozenset[str], frozenset[str]] = {}
 
   def labels(params: PyTree) -> PyTree:
+    not_a_step_count(params, "the labels function of fast_by_depth")
     if not isinstance(params, Mapping):
       raise TypeError(
           "fast_by_depth needs parameters whose top level is a mapping of "
@@ -192,7 +190,7 @@ def fast_by_depth(n: int) -> Callable[[PyTree], PyTree]:
       raise ValueError(
           f"fast_by_depth({n}) asks for more fast modules than the {len(names)} "
           f"top-level modules {names}.")
-    fast = set(names[-n:])
+    fast = fast_of.setdefault(frozenset(names), frozenset(names[-n:]))
     return {name: jax.tree.map(lambda _, g=(FAST if name in fast else SLOW): g,
                                params[name])
             for name in names}

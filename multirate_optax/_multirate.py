@@ -2,66 +2,46 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple, Optional, Union
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from multirate_optax._groups import (
-    FAST, SLOW, Labels, check_labels_fit, labels_like, resolve_labels)
-from multirate_optax._schedule import MultirateSchedule, ScheduleState, check_period
+from multirate_optax._checks import real_number, whole_number
+from multirate_optax._groups import FAST, SLOW, Labels, resolve_labels
+from multirate_optax._timetable import Step, Timetable
+from multirate_optax._timetabled import gated, timetabled
 
 
-class SlowState(NamedTuple):
-  """State of the slow group.
+@dataclasses.dataclass(frozen=True)
+class MultirateTimetable(Timetable):
+  """Fast and slow groups; the slow group is active every ``period`` steps.
 
-  Attributes:
-    inner: the slow optimizer's state; it changes on slow steps only.
-    held: with drift, the update of the last slow step, applied on every step
-      of its cycle; ``None`` without drift.
+  Phase 0 (both groups) on steps ``t`` with ``t % period == 0``, the first step
+  included; phase 1 (fast group only) on all other steps.
   """
 
-  inner: optax.OptState
-  held: Optional[optax.Updates]
+  period: int
 
+  def __post_init__(self):
+    object.__setattr__(self, "period", whole_number(self.period, "period"))
 
-def _slow_group(
-    inner: optax.GradientTransformation,
-    slow_step: Union[bool, jax.Array, None],
-    scale: Union[float, jax.Array],
-    drift: bool,
-) -> optax.GradientTransformationExtraArgs:
-  """The slow optimizer, refreshed on slow steps and held in between."""
-  inner = optax.with_extra_args_support(inner)
+  @property
+  def phases(self) -> tuple[frozenset[str], ...]:
+    return (frozenset({FAST, SLOW}), frozenset({FAST}))
 
-  def init_fn(params):
-    held = jax.tree.map(jnp.zeros_like, params) if drift else None
-    return SlowState(inner.init(params), held)
+  def phase(self, step: Step) -> Step:
+    if isinstance(step, (int, np.integer)):
+      return int(step % self.period != 0)
+    return (step % self.period != 0).astype(jnp.int32)
 
-  def update_fn(updates, state, params=None, **extra_args):
-    def refresh():
-      new_updates, new_inner = inner.update(
-          updates, state.inner, params, **extra_args)
-      if not (isinstance(scale, (int, float)) and scale == 1):
-        new_updates = jax.tree.map(lambda u: u * scale, new_updates)
-      if drift:
-        new_updates = jax.tree.map(
-            lambda u, h: u.astype(h.dtype), new_updates, state.held)
-      return new_updates, SlowState(new_inner, new_updates if drift else None)
-
-    def hold():
-      if drift:
-        return state.held, state
-      shapes, _ = jax.eval_shape(refresh)
-      return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), state
-
-    if slow_step is True:
-      return refresh()
-    return jax.lax.cond(slow_step, refresh, hold)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  def is_slow_step(self, step: Step) -> Step:
+    """Whether ``step`` updates the slow group."""
+    return step % self.period == 0
 
 
 def multirate(
@@ -118,7 +98,7 @@ def multirate(
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs` whose state is a
-    :class:`ScheduleState`.
+    :class:`TimetableState` with a :class:`MultirateTimetable`.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -138,41 +118,38 @@ def multirate(
     Vlaar & Leimkuhler, `Multirate Training of Neural Networks
     <https://arxiv.org/abs/2106.10771>`_, ICML 2022.
   """
-  schedule = MultirateSchedule(period)
+  timetable = MultirateTimetable(period)
   slow = fast if slow is None else slow
   if slow_scale is None:
-    slow_scale = 1.0 if drift else float(period)
+    slow_scale = 1.0 if drift else float(timetable.period)
+  slow_scale = real_number(slow_scale, "slow_scale")
 
-  def partition(slow_step, per_leaf_labels: Union[Labels, Callable[[Any], Any]]):
-    return optax.partition(
-        {FAST: fast, SLOW: _slow_group(slow, slow_step, slow_scale, drift)},
-        per_leaf_labels)
-
-  def init_fn(params):
+  def labels_of(params) -> tuple[str, ...]:
     resolved = resolve_labels(labels, params, (FAST, SLOW))
-    if FAST not in resolved:
-      raise ValueError(
-          "no parameter is labelled 'fast': multirate needs at least one fast "
-          "parameter (the labels gave 'slow' to all "
-          f"{len(resolved)} leaves).")
-    inner = partition(None, labels_like(resolved)).init(params)
-    return ScheduleState(count=jnp.zeros([], jnp.int32), inner=inner,
-                         schedule=schedule, labels=resolved)
+    for group in (FAST, SLOW):
+      if group not in resolved:
+        other = SLOW if group == FAST else FAST
+        raise ValueError(
+            f"no parameter is labelled {group!r}: multirate needs fast and slow "
+            f"parameters, and the labels gave {other!r} to all "
+            f"{len(resolved)} leaves. (Inside optax.inject_hyperparams, a "
+            "callable labels argument must be named in static_args, or it is "
+            "called with the step count.)")
+    return resolved
 
-  def update_fn(updates, state, params=None, **extra_args):
-    check_labels_fit(state.labels, updates, "the updates")
-    slow_step = True if period == 1 else schedule.is_slow_step(state.count)
-    updates, inner = partition(slow_step, labels_like(state.labels)).update(
-        updates, state.inner, params, **extra_args)
-    return updates, state.advanced(inner)
+  def groups(count):
+    slow_step = (None if count is None else
+                 True if timetable.period == 1 else
+                 timetable.is_slow_step(count))
+    return {FAST: fast,
+            SLOW: gated(slow, slow_step, scale=slow_scale, hold=drift)}
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return timetabled(timetable, labels=labels_of, groups=groups)
 
 
 def in_slow_steps(
-    schedule: Callable[[jax.Array], jax.Array], period: int
-) -> Callable[[jax.Array], jax.Array]:
-  """Adapts a schedule written in global steps to the slow optimizer's count.
+    schedule: optax.Schedule, period: int) -> optax.Schedule:
+  """Adapts a learning-rate schedule in global steps to the slow optimizer.
 
   The slow optimizer's count is the number of slow updates so far, ``n``; the
   ``n``-th slow update happens at global step ``n * period``. The returned
@@ -185,5 +162,5 @@ def in_slow_steps(
     >>> round(float(mo.in_slow_steps(decay, 5)(2)), 6)  # the slow step at t = 10
     0.09
   """
-  check_period(period)
+  period = whole_number(period, "period")
   return lambda count: schedule(count * period)

@@ -11,6 +11,7 @@ DropConnect with a drop pattern held for ``period`` steps.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -18,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from multirate_optax._groups import check_labels_fit
-from multirate_optax._schedule import (
-    Schedule, ScheduleState, Step, check_period, find_schedule_state)
+from multirate_optax._checks import real_number, whole_number
+from multirate_optax._timetable import Step, Timetable, find_timetable_state
+from multirate_optax._timetabled import timetabled
 
 PyTree = Any
 
@@ -30,7 +31,7 @@ ALL = "all"
 
 
 @dataclasses.dataclass(frozen=True)
-class RandomSubgroupsSchedule(Schedule):
+class RandomSubgroupsTimetable(Timetable):
   """One phase in which every parameter leaf gets gradients.
 
   Full steps, ``t % period == 0``, and fast steps differ within leaves only,
@@ -41,7 +42,7 @@ class RandomSubgroupsSchedule(Schedule):
   period: int
 
   def __post_init__(self):
-    check_period(self.period)
+    object.__setattr__(self, "period", whole_number(self.period, "period"))
 
   @property
   def phases(self) -> tuple[frozenset[str], ...]:
@@ -135,7 +136,8 @@ def random_subgroups(
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs` whose state is a
-    :class:`ScheduleState` holding a :class:`RandomSubgroupsState`.
+    :class:`TimetableState` whose group ``'all'`` holds a
+    :class:`RandomSubgroupsState`.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -157,9 +159,10 @@ def random_subgroups(
     <https://arxiv.org/abs/2106.10771>`_, ICML 2022 (the poster's
     random-subgroup variant).
   """
+  fraction = real_number(fraction, "fraction")
   if not 0.0 <= fraction <= 1.0:
     raise ValueError(f"fraction must be in [0, 1], got {fraction!r}.")
-  schedule = RandomSubgroupsSchedule(period)
+  timetable = RandomSubgroupsTimetable(period)
   optimizer = optax.with_extra_args_support(optimizer)
 
   def held(inner_state: optax.OptState, hold: PyTree) -> PyTree:
@@ -178,21 +181,16 @@ def random_subgroups(
           "random_subgroups cannot find the per-parameter entries of the "
           "optimizer's state with optax.tree_map_params, which it needs to "
           f"leave the slow weights' entries untouched: {e}") from e
-    state = RandomSubgroupsState(
+    return RandomSubgroupsState(
         key=key, slow=no_weight,
         slow_values=jax.tree.map(jnp.zeros_like, params), inner=inner)
-    return ScheduleState(count=jnp.zeros([], jnp.int32), inner=state,
-                         schedule=schedule,
-                         labels=(ALL,) * len(jax.tree.leaves(params)))
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(count, updates, own, params, **extra_args):
     if params is None:
       raise ValueError(
           "random_subgroups needs params in update, to zero the slow weights "
           "and put them back.")
-    check_labels_fit(state.labels, updates, "the updates")
-    count, own = state.count, state.inner
-    fast_step = jnp.logical_not(schedule.is_full_step(count))
+    fast_step = jnp.logical_not(timetable.is_full_step(count))
     # Slow weights now hold zeros in params; their values are in own.
     slow_now = jax.tree.map(lambda s: s & fast_step, own.slow)
     grads = jax.tree.map(lambda g, s: jnp.where(s, jnp.zeros_like(g), g),
@@ -200,11 +198,11 @@ def random_subgroups(
     steps, inner = optimizer.update(grads, own.inner, params, **extra_args)
     inner = jax.tree.map(lambda new, old, h: jnp.where(h, old, new),
                          inner, own.inner, held(inner, slow_now))
-    if period == 1:
-      return steps, state.advanced(own._replace(inner=inner))
+    if timetable.period == 1:
+      return steps, own._replace(inner=inner)
 
     def redraw():
-      cycle = count // period
+      cycle = count // timetable.period
       slow = _draw_slow(own.key, cycle, fraction, params)
       weights = optax.apply_updates(params, steps)
       return slow, jax.tree.map(
@@ -212,17 +210,41 @@ def random_subgroups(
 
     slow, slow_values = jax.lax.cond(
         fast_step, lambda: (own.slow, own.slow_values), redraw)
-    next_fast = (count + 1) % period != 0
+    next_fast = (count + 1) % timetable.period != 0
     # Updates that land exactly: p + (-p) = 0 to zero a weight, 0 + v = v to
     # put it back.
     updates = jax.tree.map(
         lambda u, p, s_now, s, v: jnp.where(
             s & next_fast, -p, jnp.where(s_now, v, u)).astype(u.dtype),
         steps, params, slow_now, slow, own.slow_values)
-    return updates, state.advanced(
-        own._replace(slow=slow, slow_values=slow_values, inner=inner))
+    return updates, own._replace(slow=slow, slow_values=slow_values,
+                                 inner=inner)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  def groups(count):
+    return {ALL: optax.GradientTransformationExtraArgs(
+        init_fn, functools.partial(update_fn, count))}
+
+  return timetabled(
+      timetable, labels=lambda params: (ALL,) * len(jax.tree.leaves(params)),
+      groups=groups)
+
+
+def random_subgroups_state(opt_state: PyTree) -> RandomSubgroupsState:
+  """The :class:`RandomSubgroupsState` in the state of :func:`random_subgroups`.
+
+  Args:
+    opt_state: the optimizer state, alone or inside ``optax.chain`` and other
+      wrappers.
+
+  Raises:
+    ValueError: if its timetable is not that of :func:`random_subgroups`.
+  """
+  timetable_state = find_timetable_state(opt_state)
+  if not isinstance(timetable_state.timetable, RandomSubgroupsTimetable):
+    raise ValueError(
+        "the optimizer state's timetable is not random_subgroups' "
+        f"({timetable_state.timetable!r}).")
+  return timetable_state.inner.inner_states[ALL].inner_state
 
 
 def full_weights(params: PyTree, opt_state: PyTree) -> PyTree:
@@ -239,13 +261,9 @@ def full_weights(params: PyTree, opt_state: PyTree) -> PyTree:
   Returns:
     The parameters with every weight's value.
   """
-  schedule_state, _ = find_schedule_state(opt_state)
-  own = schedule_state.inner
-  if not isinstance(own, RandomSubgroupsState):
-    raise ValueError(
-        "the optimizer state's schedule is not random_subgroups' "
-        f"({type(schedule_state.schedule).__name__}).")
+  own = random_subgroups_state(opt_state)
+  timetable_state = find_timetable_state(opt_state)
   zeroed = jnp.logical_not(
-      schedule_state.schedule.is_full_step(schedule_state.count))
+      timetable_state.timetable.is_full_step(timetable_state.count))
   return jax.tree.map(lambda p, s, v: jnp.where(s & zeroed, v, p),
                       params, own.slow, own.slow_values)

@@ -3,9 +3,9 @@
 A checkpoint holds two orbax items: ``'state'``, the whole training state
 pytree (parameters, optimizer state with its multirate count, mutable
 collections, rng keys, ...) saved with ``StandardSave``, and ``'multirate'``,
-JSON metadata naming the schedule (e.g. its period) and the group of every
+JSON metadata naming the timetable (e.g. its period) and the group of every
 parameter leaf. :func:`restore` compares that metadata with the state it
-restores into and refuses a checkpoint written for another schedule or other
+restores into and refuses a checkpoint written for another timetable or other
 labels: orbax itself would restore such a checkpoint without complaint (the
 same arrays under another period) or leave holes in it (other labels move
 optimizer-state leaves between the fast and slow groups).
@@ -29,7 +29,7 @@ Example:
   >>> checkpoint.save(directory, 3, state)
   True
   >>> restored = checkpoint.restore(directory, state)
-  >>> int(mo.find_schedule_state(restored['opt_state'])[0].count)
+  >>> int(mo.find_timetable_state(restored["opt_state"]).count)
   0
 """
 
@@ -43,14 +43,14 @@ import jax
 import orbax.checkpoint as ocp
 
 from multirate_optax._groups import path_str
-from multirate_optax._schedule import ScheduleState, find_schedule_state
+from multirate_optax._timetable import TimetableState, find_timetable_state
 
 PyTree = Any
 Directory = Union[str, os.PathLike, ocp.CheckpointManager]
 
 STATE_ITEM = "state"
 MULTIRATE_ITEM = "multirate"
-_FORMAT = 1
+_FORMAT = 2
 
 
 def save(
@@ -58,10 +58,10 @@ def save(
     step: int,
     state: PyTree,
     *,
-    schedule_from: Optional[PyTree] = None,
+    timetable_from: Optional[PyTree] = None,
     force: bool = False,
 ) -> bool:
-  """Saves a training state and the identity of its multirate schedule.
+  """Saves a training state and the identity of its timetable.
 
   Args:
     directory: a directory (a :class:`orbax.checkpoint.CheckpointManager` is
@@ -74,7 +74,7 @@ def save(
     state: the whole training state, any pytree of arrays and scalars holding
       exactly one :func:`multirate_optax.multirate` state (a ``dict``, a Flax
       ``TrainState``, ...).
-    schedule_from: where to find the multirate state when ``state`` does not
+    timetable_from: where to find the multirate state when ``state`` does not
       keep it as a pytree node, as ``nnx.state(optimizer)`` does not: pass
       the ``nnx.Optimizer``. Default: ``state``.
     force: save even if the manager's options would skip this step.
@@ -83,7 +83,7 @@ def save(
     Whether a checkpoint was written (``False`` only when a manager's options
     skip ``step``).
   """
-  metadata = _schedule_metadata(state, schedule_from)
+  metadata = _timetable_metadata(state, timetable_from)
   args = ocp.args.Composite(**{
       STATE_ITEM: ocp.args.StandardSave(state),
       MULTIRATE_ITEM: ocp.args.JsonSave(metadata),
@@ -99,9 +99,9 @@ def restore(
     target: PyTree,
     *,
     step: Optional[int] = None,
-    schedule_from: Optional[PyTree] = None,
+    timetable_from: Optional[PyTree] = None,
 ) -> PyTree:
-  """Restores a training state saved by :func:`save`, after checking its schedule.
+  """Restores a training state saved by :func:`save`, after checking its timetable.
 
   Args:
     directory: the directory or ``CheckpointManager`` given to :func:`save`.
@@ -110,7 +110,7 @@ def restore(
       ``jax.ShapeDtypeStruct``s. The restored arrays get the target leaves'
       dtypes and shardings, so a target sharded over a mesh restores sharded.
     step: the step to restore; default the latest.
-    schedule_from: as in :func:`save`, for a target that does not keep the
+    timetable_from: as in :func:`save`, for a target that does not keep the
       multirate state as a pytree node.
 
   Returns:
@@ -118,11 +118,11 @@ def restore(
 
   Raises:
     FileNotFoundError: if there is no checkpoint to restore.
-    ValueError: if the checkpoint was written for another schedule (e.g.
+    ValueError: if the checkpoint was written for another timetable (e.g.
       another period) or with other labels than ``target``'s, or without the
       multirate metadata.
   """
-  expected = _schedule_metadata(target, schedule_from)
+  expected = _timetable_metadata(target, timetable_from)
   if isinstance(directory, ocp.CheckpointManager):
     return _restore(directory, target, step, expected)
   with _open(directory) as manager:
@@ -151,41 +151,47 @@ def _restore(manager: ocp.CheckpointManager, target: PyTree,
       raise
     raise ValueError(
         f"{where} has no {MULTIRATE_ITEM!r} item: it was not written by "
-        "multirate_optax.checkpoint.save, so its schedule cannot be "
+        "multirate_optax.checkpoint.save, so its timetable cannot be "
         "checked.") from e
-  _check_same_schedule(expected, found, where)
+  except (ValueError, UnicodeDecodeError) as e:  # json's errors included.
+    raise ValueError(
+        f"{where} has unreadable metadata in "
+        f"{os.path.join(os.fspath(manager.directory), str(step), MULTIRATE_ITEM)}"
+        f" ({type(e).__name__}: {e}): the file is damaged; restore another "
+        "step, or rewrite it with the checkpoint's state.") from e
+  _check_same_timetable(expected, found, where)
   return manager.restore(step, args=ocp.args.Composite(**{
       STATE_ITEM: ocp.args.StandardRestore(target)}))[STATE_ITEM]
 
 
-def _schedule_metadata(state: PyTree,
-                       schedule_from: Optional[PyTree]) -> dict[str, Any]:
-  """The JSON description of the multirate schedule in ``state``."""
+def _timetable_metadata(state: PyTree,
+                       timetable_from: Optional[PyTree]) -> dict[str, Any]:
+  """The JSON description of the timetable in ``state``."""
   try:
-    schedule_state, _ = find_schedule_state(
-        state if schedule_from is None else schedule_from)
+    timetable_state = find_timetable_state(
+        state if timetable_from is None else timetable_from)
   except ValueError as e:
     raise ValueError(
         f"{e} For a state that keeps no pytree node for it (such as "
-        "nnx.state(optimizer)), pass schedule_from=<the nnx.Optimizer>.") from None
+        "nnx.state(optimizer)), pass timetable_from=<the nnx.Optimizer>.") from None
   return {
       "format": _FORMAT,
-      "schedule": _schedule_description(schedule_state),
-      "labels": list(schedule_state.labels),
-      "paths": _parameter_paths(state, len(schedule_state.labels)),
+      "timetable": _timetable_description(timetable_state),
+      "labels": list(timetable_state.labels),
+      "paths": _parameter_paths(state, len(timetable_state.labels)),
   }
 
 
-def _schedule_description(schedule_state: ScheduleState) -> dict[str, Any]:
-  schedule = schedule_state.schedule
-  if dataclasses.is_dataclass(schedule):
-    fields = {f.name: getattr(schedule, f.name)
-              for f in dataclasses.fields(schedule)}
+def _timetable_description(timetable_state: TimetableState) -> dict[str, Any]:
+  timetable = timetable_state.timetable
+  if dataclasses.is_dataclass(timetable):
+    fields = {f.name: getattr(timetable, f.name)
+              for f in dataclasses.fields(timetable)}
   else:
-    fields = {"repr": repr(schedule)}
+    fields = {"repr": repr(timetable)}
   fields = {name: value if isinstance(value, (bool, int, float, str))
             else repr(value) for name, value in fields.items()}
-  return {"type": type(schedule).__qualname__, "fields": fields}
+  return {"type": type(timetable).__qualname__, "fields": fields}
 
 
 def _parameter_paths(state: PyTree, num_leaves: int) -> Optional[list[str]]:
@@ -208,24 +214,30 @@ def _parameter_paths(state: PyTree, num_leaves: int) -> Optional[list[str]]:
   return None
 
 
-def _describe(schedule: dict[str, Any]) -> str:
+def _describe(timetable: dict[str, Any]) -> str:
   fields = ", ".join(f"{name}={value!r}"
-                     for name, value in schedule["fields"].items())
-  return f"{schedule['type']}({fields})"
+                     for name, value in timetable["fields"].items())
+  return f"{timetable['type']}({fields})"
 
 
-def _check_same_schedule(expected: dict[str, Any], found: dict[str, Any],
+def _check_same_timetable(expected: dict[str, Any], found: dict[str, Any],
                          where: str) -> None:
-  """Raises a ValueError naming what differs between two schedule descriptions."""
-  if found.get("format") != _FORMAT:
+  """Raises a ValueError naming what differs between two timetable descriptions."""
+  if not isinstance(found, dict) or not {"format", "timetable", "labels",
+                                         "paths"} <= set(found):
     raise ValueError(
-        f"{where} holds multirate metadata of format {found.get('format')!r}; "
+        f"{where} has damaged metadata in its {MULTIRATE_ITEM!r} item: "
+        f"expected a JSON object with format, timetable, labels and paths, "
+        f"found {str(found)[:200]!r}.")
+  if found["format"] != _FORMAT:
+    raise ValueError(
+        f"{where} holds multirate metadata of format {found['format']!r}; "
         f"this version reads format {_FORMAT}.")
-  if found["schedule"] != expected["schedule"]:
+  if found["timetable"] != expected["timetable"]:
     raise ValueError(
-        f"{where} was written with another schedule: expected "
-        f"{_describe(expected['schedule'])} (the target state's), found "
-        f"{_describe(found['schedule'])} in the checkpoint. Restore it into a "
+        f"{where} was written with another timetable: expected "
+        f"{_describe(expected['timetable'])} (the target state's), found "
+        f"{_describe(found['timetable'])} in the checkpoint. Restore it into a "
         "state whose optimizer is built with the same multirate period as the "
         "run that wrote it.")
   want, got = expected["labels"], found["labels"]

@@ -24,8 +24,8 @@ import optax
 from flax import struct
 
 from multirate_optax._gradients import check_loss_signature
-from multirate_optax._schedule import find_schedule_state
-from multirate_optax._train_step import Dispatch, resolve_dispatch
+from multirate_optax._timetable import find_timetable_state
+from multirate_optax._dispatch import Dispatch, resolve_dispatch
 from multirate_optax._train_step import TrainStep as CoreTrainStep
 
 PyTree = Any
@@ -75,11 +75,11 @@ class TrainState(struct.PyTreeNode):
       batch_stats: ``variables['batch_stats']``; ``None`` means none.
 
     Raises:
-      ValueError: if ``tx`` holds no multirate schedule, or its labels do not
+      ValueError: if ``tx`` holds no timetable, or its labels do not
         fit ``params``.
     """
     opt_state = tx.init(params)
-    find_schedule_state(opt_state)  # Fail here rather than at the first step.
+    find_timetable_state(opt_state)  # Fail here rather than at the first step.
     return cls(step=0, apply_fn=apply_fn, params=params, tx=tx,
                opt_state=opt_state,
                batch_stats={} if batch_stats is None else batch_stats)

@@ -2,11 +2,15 @@
 
 The fast part is an nnx filter; :func:`fast_by_filter` turns it into the labels
 of a :func:`multirate_optax.multirate` optimizer that goes into an
-``nnx.Optimizer`` as usual. The optimizer's state then holds the schedule and
+``nnx.Optimizer`` as usual. The optimizer's state then holds the timetable and
 each parameter's group, and :func:`train_step` reads them to differentiate, on
-each step, only the active parameters with
-``nnx.grad(..., argnums=nnx.DiffState(0, active))``: on fast steps the slow
-parameters are not differentiated, so no backward work is done for them.
+each step, only the active parameters: on fast steps the slow parameters are
+not differentiated, so no backward work is done for them.
+
+The step splits the model and optimizer into pure pytrees (``nnx.split``) and
+runs the core step's engine on them under ``jax.jit``, as the Flax maintainers
+recommend where speed matters, then writes the results back: the dispatch
+(``'cond'``/``'host'``), compilation and refusals are the core's.
 
 As with Linen (see :mod:`multirate_optax.linen`), the forward pass runs in full
 on every step: BatchNorm running statistics and rng streams advance on fast
@@ -15,18 +19,18 @@ steps too.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
+import optax
 from flax import nnx
 
-from multirate_optax._gradients import _checked_loss, check_loss_signature
+from multirate_optax._dispatch import Dispatch, PhaseDispatch, resolve_dispatch
+from multirate_optax._gradients import (
+    checked_loss, check_loss_signature, value_and_active_grad)
 from multirate_optax._groups import FAST, SLOW
-from multirate_optax._schedule import ScheduleState, find_schedule_state
-from multirate_optax._train_step import Dispatch, HostCount, resolve_dispatch
+from multirate_optax._timetable import find_timetable_state
 
 
 def fast_by_filter(
@@ -57,12 +61,26 @@ def fast_by_filter(
     {'body': {'bias': 'slow', 'kernel': 'slow'}, 'head': {'bias': 'fast', 'kernel': 'fast'}}
   """
   predicate = nnx.filterlib.to_predicate(fast)
+  # Filters may test a variable's type, which a state of plain arrays (what
+  # nnx.Optimizer passes to update) no longer has: the labels found on a
+  # state of variables are kept, by parameter paths, for its plain twin.
+  found: dict[tuple[Any, ...], nnx.State] = {}
 
   def labels(params: nnx.State) -> nnx.State:
     if not isinstance(params, nnx.State):
       raise TypeError(
           "fast_by_filter labels an nnx.State (what nnx.Optimizer passes to "
           f"its optimizer's init), got {type(params).__name__}.")
+    flat = list(nnx.to_flat_state(params))
+    paths = tuple(path for path, _ in flat)
+    if not any(isinstance(v, nnx.Variable) for _, v in flat):
+      if paths not in found:
+        raise ValueError(
+            "fast_by_filter was given a state of plain arrays before the "
+            "state of variables with the same paths (nnx.state(model, wrt), "
+            "as nnx.Optimizer passes to init): its filter may need the "
+            "variables' types.")
+      return found[paths]
     label_tree = nnx.map_state(
         lambda path, variable: FAST if predicate(path, variable) else SLOW,
         params)
@@ -73,40 +91,10 @@ def fast_by_filter(
           f"the fast filter {fast!r} selects none of the {len(paths)} "
           f"parameters; their paths: {paths[:8]}"
           + (" ..." if len(paths) > 8 else "") + ".")
+    found[paths] = nnx.map_state(lambda _, label: label, label_tree)
     return label_tree
 
   return labels
-
-
-def _find_schedule_state(
-    optimizer: nnx.Optimizer) -> tuple[ScheduleState, bool]:
-  """:func:`multirate_optax.find_schedule_state` in ``optimizer``'s state."""
-  if not isinstance(optimizer, nnx.Optimizer):
-    raise TypeError(
-        f"expected an nnx.Optimizer, got {type(optimizer).__name__}.")
-  return find_schedule_state(optimizer.opt_state)
-
-
-def _active_filter(model: nnx.Module, optimizer: nnx.Optimizer,
-                   phase: int) -> nnx.filterlib.Filter:
-  """The filter of the parameters that get gradients in ``phase``."""
-  schedule_state, _ = _find_schedule_state(optimizer)
-  params = nnx.state(model, optimizer.wrt)
-  # One path per leaf, aligned with the labels (leaves of nnx.state order).
-  paths = [
-      tuple(key.key for key in path if isinstance(key, jax.tree_util.DictKey))
-      for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  if len(paths) != len(schedule_state.labels):
-    raise ValueError(
-        f"the model has {len(paths)} parameter leaves under the optimizer's "
-        f"wrt={optimizer.wrt!r}, but the optimizer was built for "
-        f"{len(schedule_state.labels)}: pass the model the optimizer was "
-        "built for.")
-  active = schedule_state.active(phase)
-  if all(active):
-    return optimizer.wrt
-  return nnx.All(optimizer.wrt,
-                 nnx.filterlib.PathIn(*(p for p, a in zip(paths, active) if a)))
 
 
 class TrainStep:
@@ -116,12 +104,11 @@ class TrainStep:
   and ``optimizer`` in place and returns what ``loss_fn(model, *args)``
   returns. Build it with :func:`train_step`.
 
-  The phase comes from the count of the :func:`multirate_optax.multirate`
-  state inside ``optimizer``, as in :class:`multirate_optax.TrainStep`:
-  ``'cond'`` compiles one program that picks the phase with ``nnx.switch``;
-  ``'host'`` compiles one program per phase, picked from a host-side copy of
-  the count that is read from the device only on the first call and when the
-  optimizer's count is not the one this step last left there.
+  The phase comes from the count of the timetable state inside
+  ``optimizer``, as in :class:`multirate_optax.TrainStep`, with the same
+  ``'cond'`` and ``'host'`` dispatch. One engine is kept per optimizer
+  transformation (``optimizer.tx``), so compiled programs and the host-side
+  count carry over from call to call.
   """
 
   def __init__(self, loss_fn: Callable[..., Any], *, has_aux: bool,
@@ -131,37 +118,70 @@ class TrainStep:
     self._loss_fn = loss_fn
     self._has_aux = has_aux
     self.dispatch = resolve_dispatch(dispatch)
-    donate_argnums = (0, 1) if donate else ()
-    self._cond_program = nnx.jit(self.apply, donate_argnums=donate_argnums)
-    self._phase_program = nnx.jit(
-        self.apply_phase, static_argnums=0,
-        donate_argnums=tuple(i + 1 for i in donate_argnums))
-    self._host_count = HostCount()
+    self._donate = donate
+    self._dispatches: dict[tuple[Any, Any], PhaseDispatch] = {}
 
-  def apply_phase(self, phase: int, model: nnx.Module,
-                  optimizer: nnx.Optimizer, *args):
-    """The uncompiled step of one phase (``phase`` is a static int)."""
+  def _engine(self, optimizer: nnx.Optimizer) -> PhaseDispatch:
+    if not isinstance(optimizer, nnx.Optimizer):
+      raise TypeError(
+          f"expected an nnx.Optimizer, got {type(optimizer).__name__}.")
+    key = (optimizer.tx, optimizer.wrt)
+    if key not in self._dispatches:
+      # Arguments: params, opt_state, graphdef, rest, count, *args; the
+      # outputs keep params and opt_state in the first two places.
+      self._dispatches[key] = PhaseDispatch(
+          lambda phase, *pure: self._step_of_phase(*key, phase, *pure),
+          state_argnum=1, dispatch=self.dispatch,
+          donate_argnums=(0, 1, 3, 4) if self._donate else ())
+    return self._dispatches[key]
+
+  def _step_of_phase(self, tx: optax.GradientTransformation,
+                     wrt: nnx.filterlib.Filter, phase: int,
+                     params, opt_state, graphdef, rest, count, *args):
+    """The pure step of one phase on the split model and optimizer."""
     check_loss_signature(self._loss_fn, len(args))
-    active = _active_filter(model, optimizer, phase)
-    value, grads = nnx.value_and_grad(
-        _checked_loss(self._loss_fn, self._has_aux),
-        argnums=nnx.DiffState(0, active), has_aux=self._has_aux)(model, *args)
-    # nnx.Optimizer.update wants a gradient for every parameter it tracks.
-    zeros = jax.tree.map(jnp.zeros_like, nnx.state(model, optimizer.wrt))
-    optimizer.update(model, nnx.merge_state(zeros, grads))
+    user_loss = checked_loss(self._loss_fn, self._has_aux)
+
+    def loss(params, rest, *args):
+      model = nnx.merge(graphdef, params, rest)
+      value = user_loss(model, *args)
+      _, _, new_rest = nnx.split(model, wrt, ...)
+      loss_value = value[0] if self._has_aux else value
+      return loss_value, (value, new_rest)
+
+    (_, (value, rest)), grads = value_and_active_grad(
+        loss, find_timetable_state(opt_state).active(phase), has_aux=True)(
+            params, rest, *args)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, rest, optax.safe_increment(count), value
+
+  def _split(self, model: nnx.Module, optimizer: nnx.Optimizer):
+    graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
+    return (nnx.as_pure(params), nnx.as_pure(optimizer.opt_state), graphdef,
+            nnx.as_pure(rest), optimizer.step.get_value())
+
+  @staticmethod
+  def _write_back(model: nnx.Module, optimizer: nnx.Optimizer, outputs):
+    params, opt_state, rest, count, value = outputs
+    nnx.update(model, params, rest)
+    nnx.update(optimizer.opt_state, nnx.state(opt_state))
+    optimizer.step.set_value(count)
     return value
 
-  def apply(self, model: nnx.Module, optimizer: nnx.Optimizer, *args):
-    """The uncompiled step, choosing the phase with ``nnx.switch``.
+  def __call__(self, model: nnx.Module, optimizer: nnx.Optimizer, *args):
+    engine = self._engine(optimizer)
+    return self._write_back(
+        model, optimizer, engine(*self._split(model, optimizer), *args))
 
-    Use it inside your own ``nnx.jit``.
+  def apply(self, model: nnx.Module, optimizer: nnx.Optimizer, *args):
+    """The step choosing the phase with ``jax.lax.switch``, traceable.
+
+    Use it inside your own ``nnx.jit`` (or ``jax.jit`` over split state).
     """
-    schedule_state, _ = _find_schedule_state(optimizer)
-    schedule = schedule_state.schedule
-    branches = [functools.partial(self.apply_phase, phase)
-                for phase in range(len(schedule.phases))]
-    return nnx.switch(schedule.phase(schedule_state.count.get_value()),
-                      branches, model, optimizer, *args)
+    engine = self._engine(optimizer)
+    return self._write_back(
+        model, optimizer, engine.switch(*self._split(model, optimizer), *args))
 
   def program(self, model: nnx.Module, optimizer: nnx.Optimizer, *args,
               phase: Optional[int] = None) -> jax.stages.Lowered:
@@ -170,23 +190,10 @@ class TrainStep:
     Args:
       model, optimizer, *args: as for a call.
       phase: the phase whose ``'host'`` program to return; ``None`` returns
-        the single ``nnx.switch`` program of ``'cond'``.
+        the single ``lax.switch`` program of ``'cond'``.
     """
-    if phase is None:
-      return self._cond_program.lower(model, optimizer, *args)
-    return self._phase_program.lower(phase, model, optimizer, *args)
-
-  def __call__(self, model: nnx.Module, optimizer: nnx.Optimizer, *args):
-    if self.dispatch == "cond":
-      return self._cond_program(model, optimizer, *args)
-    schedule_state, inside_skipping = _find_schedule_state(optimizer)
-    phase = self._host_count.phase(schedule_state.schedule,
-                                   schedule_state.count.get_value(),
-                                   inside_skipping)
-    value = self._phase_program(phase, model, optimizer, *args)
-    self._host_count.advance(
-        _find_schedule_state(optimizer)[0].count.get_value())
-    return value
+    return self._engine(optimizer).program(
+        *self._split(model, optimizer), *args, phase=phase)
 
 
 def train_step(

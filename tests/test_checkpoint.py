@@ -105,7 +105,7 @@ def test_resume_in_a_fresh_process_is_bitwise_identical(tmp_path):
     tx = make_optimizer(drift=drift)
     step = mo.train_step(loss_fn, tx, has_aux=True, dispatch=dispatch)
     state, _ = train(step, initial_state(tx), data[:SAVE_AT])
-    count = mo.find_schedule_state(state["opt_state"])[0].count
+    count = mo.find_timetable_state(state["opt_state"]).count
     assert int(count) == SAVE_AT
     assert checkpoint.save(tmp_path / config_name(dispatch, drift), SAVE_AT,
                            state)
@@ -165,8 +165,8 @@ def saved_period_3(tmp_path):
 def test_refuses_a_checkpoint_of_another_period(saved_period_3):
   target = initial_state(make_optimizer(period=4))
   with pytest.raises(ValueError, match=(
-      r"another schedule: expected MultirateSchedule\(period=4\) \(the target "
-      r"state's\), found MultirateSchedule\(period=3\) in the checkpoint")):
+      r"another timetable: expected MultirateTimetable\(period=4\) \(the target "
+      r"state's\), found MultirateTimetable\(period=3\) in the checkpoint")):
     checkpoint.restore(saved_period_3, target)
 
 
@@ -194,21 +194,21 @@ def test_names_leaves_by_index_without_a_params_entry(tmp_path):
     checkpoint.restore(tmp_path, {"weights": params, "opt": other.init(params)})
 
 
-def test_schedule_from_for_states_without_the_schedule_node(tmp_path):
+def test_timetable_from_for_states_without_the_schedule_node(tmp_path):
   # nnx.state(optimizer) flattens the schedule's static data away; the
-  # schedule then comes from the object given as schedule_from.
+  # schedule then comes from the object given as timetable_from.
   tx = make_optimizer()
   opt_state = tx.init(mlp_params())
   flat = jax.tree.leaves(opt_state)
-  with pytest.raises(ValueError, match="pass schedule_from="):
+  with pytest.raises(ValueError, match="pass timetable_from="):
     checkpoint.save(tmp_path, 0, flat)
-  checkpoint.save(tmp_path, 0, flat, schedule_from=opt_state)
-  restored = checkpoint.restore(tmp_path, flat, schedule_from=opt_state)
+  checkpoint.save(tmp_path, 0, flat, timetable_from=opt_state)
+  restored = checkpoint.restore(tmp_path, flat, timetable_from=opt_state)
   assert_bitwise_equal([[np.array(x) for x in restored]],
                        [[np.array(x) for x in flat]])
   other = make_optimizer(period=2).init(mlp_params())
-  with pytest.raises(ValueError, match="another schedule"):
-    checkpoint.restore(tmp_path, flat, schedule_from=other)
+  with pytest.raises(ValueError, match="another timetable"):
+    checkpoint.restore(tmp_path, flat, timetable_from=other)
 
 
 def test_refuses_a_checkpoint_without_multirate_metadata(tmp_path):

@@ -1,4 +1,4 @@
-"""FreezeOut: schedule values, a hand-written reference loop, frozen layers, programs."""
+"""FreezeOut: timetable values, a hand-written reference loop, frozen layers, programs."""
 
 import math
 import re
@@ -32,12 +32,12 @@ MLP_LAYERS = {"layer0": 0, "layer1": 1, "head": 2}
      (512, 615, 729, 858, 1000)),
 ])
 @pytest.mark.parametrize("scaled", [True, False])
-def test_schedule_follows_the_formulas(spacing, t_0, fractions, steps, scaled):
-  schedule = mo.FreezeOutSchedule(num_layers=5, total_steps=1000, t_0=t_0,
+def test_timetable_follows_the_formulas(spacing, t_0, fractions, steps, scaled):
+  timetable = mo.FreezeOutTimetable(num_layers=5, total_steps=1000, t_0=t_0,
                                   spacing=spacing, scaled=scaled)
-  np.testing.assert_allclose(schedule.freeze_fractions, fractions, rtol=1e-12)
-  assert schedule.freeze_steps == steps
-  factor = jax.jit(schedule.learning_rate_factor, static_argnums=0)
+  np.testing.assert_allclose(timetable.freeze_fractions, fractions, rtol=1e-12)
+  assert timetable.freeze_steps == steps
+  factor = jax.jit(timetable.learning_rate_factor, static_argnums=0)
   for i, (t_i, s_i) in enumerate(zip(fractions, steps)):
     initial = 1 / t_i if scaled else 1.0
     for step, expected in [
@@ -52,49 +52,49 @@ def test_schedule_follows_the_formulas(spacing, t_0, fractions, steps, scaled):
       if step != int(step):
         continue
       step = int(step)
-      assert schedule.learning_rate_factor(i, step) == pytest.approx(
+      assert timetable.learning_rate_factor(i, step) == pytest.approx(
           expected, rel=1e-12, abs=1e-12)
       assert float(factor(i, jnp.int32(step))) == pytest.approx(
           expected, rel=1e-5, abs=1e-6)
-    assert schedule.learning_rate_factor(i, s_i - 1) > 0.0
+    assert timetable.learning_rate_factor(i, s_i - 1) > 0.0
 
 
 def test_default_is_cubic_scaled_t0_08():
-  schedule = mo.FreezeOutSchedule(num_layers=5, total_steps=1000)
-  assert (schedule.spacing, schedule.scaled, schedule.t_0) == ("cubic", True, 0.8)
-  assert schedule.freeze_steps[0] == 512
+  timetable = mo.FreezeOutTimetable(num_layers=5, total_steps=1000)
+  assert (timetable.spacing, timetable.scaled, timetable.t_0) == ("cubic", True, 0.8)
+  assert timetable.freeze_steps[0] == 512
 
 
 def test_times_follow_the_real_number_of_steps():
   # 900 steps (the reference code's 100 epochs of 900 batches, which it
   # treats as 1000 per epoch): the classifier still reaches zero at the end.
-  schedule = mo.FreezeOutSchedule(num_layers=5, total_steps=900)
-  assert schedule.freeze_steps == (461, 553, 657, 772, 900)
-  assert schedule.learning_rate_factor(4, 899) > 0.0
-  assert schedule.learning_rate_factor(4, 900) == 0.0
+  timetable = mo.FreezeOutTimetable(num_layers=5, total_steps=900)
+  assert timetable.freeze_steps == (461, 553, 657, 772, 900)
+  assert timetable.learning_rate_factor(4, 899) > 0.0
+  assert timetable.learning_rate_factor(4, 900) == 0.0
 
 
 def test_phases_are_the_layers_not_yet_frozen():
-  schedule = mo.FreezeOutSchedule(num_layers=4, total_steps=10, t_0=0.5,
+  timetable = mo.FreezeOutTimetable(num_layers=4, total_steps=10, t_0=0.5,
                                   spacing="linear")
   # t_i = 0.5, 2/3, 5/6, 1 -> freeze steps 5, 7, 9, 10.
-  assert schedule.freeze_steps == (5, 7, 9, 10)
-  assert schedule.phases == (frozenset("0123"), frozenset("123"),
+  assert timetable.freeze_steps == (5, 7, 9, 10)
+  assert timetable.phases == (frozenset("0123"), frozenset("123"),
                              frozenset("23"), frozenset("3"), frozenset())
   expected = [0] * 5 + [1] * 2 + [2] * 2 + [3] + [4] * 3
-  assert [schedule.phase(t) for t in range(13)] == expected
-  traced = jax.jit(jax.vmap(schedule.phase))(jnp.arange(13))
+  assert [timetable.phase(t) for t in range(13)] == expected
+  traced = jax.jit(jax.vmap(timetable.phase))(jnp.arange(13))
   np.testing.assert_array_equal(traced, expected)
 
 
 def test_layers_freezing_at_the_same_step_share_a_phase():
-  schedule = mo.FreezeOutSchedule(num_layers=4, total_steps=2, t_0=0.5,
+  timetable = mo.FreezeOutTimetable(num_layers=4, total_steps=2, t_0=0.5,
                                   spacing="linear")
-  assert schedule.freeze_steps == (1, 2, 2, 2)
-  assert schedule.phases == (frozenset("0123"), frozenset("123"), frozenset())
+  assert timetable.freeze_steps == (1, 2, 2, 2)
+  assert timetable.phases == (frozenset("0123"), frozenset("123"), frozenset())
 
 
-def freezeout_sgd_reference(params, batches, schedule, layer_of, *, lr,
+def freezeout_sgd_reference(params, batches, timetable, layer_of, *, lr,
                             momentum, weight_decay):
   """FreezeOut with PyTorch's SGD (Nesterov, weight decay), in numpy.
 
@@ -114,12 +114,12 @@ def freezeout_sgd_reference(params, batches, schedule, layer_of, *, lr,
     grads = dict(zip(paths, map(np.asarray, jax.tree.leaves(
         grad_fn(current, batch)))))
     for p in paths:
-      t_i = schedule.freeze_fractions[layer[p]]
-      if t >= math.ceil(round(t_i * schedule.total_steps, 6)):
+      t_i = timetable.freeze_fractions[layer[p]]
+      if t >= math.ceil(round(t_i * timetable.total_steps, 6)):
         continue
-      initial = lr / t_i if schedule.scaled else lr
+      initial = lr / t_i if timetable.scaled else lr
       rate = np.float32(initial / 2 * (1 + math.cos(
-          math.pi * t / (t_i * schedule.total_steps))))
+          math.pi * t / (t_i * timetable.total_steps))))
       d = grads[p] + wd * theta[p]
       buf[p] = mu * buf[p] + d
       theta[p] = theta[p] - rate * (d + mu * buf[p])
@@ -144,13 +144,13 @@ def train(step, params, opt_state, data):
 @pytest.mark.parametrize("spacing, scaled, dispatch", [
     ("cubic", True, "host"), ("linear", False, "cond")])
 def test_training_follows_the_reference_loop(spacing, scaled, dispatch):
-  schedule = mo.FreezeOutSchedule(num_layers=3, total_steps=20, t_0=0.5,
+  timetable = mo.FreezeOutTimetable(num_layers=3, total_steps=20, t_0=0.5,
                                   spacing=spacing, scaled=scaled)
   data = batches(22)  # two steps past the end: nothing moves there
   expected = freezeout_sgd_reference(
-      mlp_params(), data, schedule, MLP_LAYERS, lr=0.1, momentum=0.9,
+      mlp_params(), data, timetable, MLP_LAYERS, lr=0.1, momentum=0.9,
       weight_decay=1e-3)
-  tx = mo.freezeout(sgd_nesterov(), schedule, layers=MLP_LAYERS)
+  tx = mo.freezeout(sgd_nesterov(), timetable, layers=MLP_LAYERS)
   params = mlp_params()
   step = mo.train_step(mlp_loss, tx, dispatch=dispatch)
   history, states = train(step, params, tx.init(params), data)
@@ -160,7 +160,7 @@ def test_training_follows_the_reference_loop(spacing, scaled, dispatch):
   # bitwise as they were after the step before (which still moved them).
   layer_state = lambda state, i: state.inner.inner_states[str(i)].inner_state
   for i, name in enumerate(("layer0", "layer1", "head")):
-    s_i = schedule.freeze_steps[i]
+    s_i = timetable.freeze_steps[i]
     assert not np.array_equal(history[s_i - 1][name]["w"],
                               history[s_i - 2][name]["w"])
     for t in range(s_i, len(history)):
@@ -181,7 +181,7 @@ class ConvNet(nn.Module):
 
 @pytest.fixture(scope="module")
 def conv_step():
-  """A host-dispatch train step of ConvNet, its arguments, and its schedule."""
+  """A host-dispatch train step of ConvNet, its arguments, and its timetable."""
   model = ConvNet()
   x = jnp.ones((4, 8, 8, 1))
   y = jnp.zeros(4, jnp.int32)
@@ -191,19 +191,19 @@ def conv_step():
     logits = model.apply({"params": params}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  schedule = mo.FreezeOutSchedule(num_layers=4, total_steps=8, t_0=0.5,
+  timetable = mo.FreezeOutTimetable(num_layers=4, total_steps=8, t_0=0.5,
                                   spacing="linear")
-  tx = mo.freezeout(optax.sgd(0.1, momentum=0.9), schedule,
+  tx = mo.freezeout(optax.sgd(0.1, momentum=0.9), timetable,
                     layers=mo.layers_by_module(params))
   step = mo.train_step(loss_fn, tx, dispatch="host")
-  return step, schedule, (params, tx.init(params), x, y)
+  return step, timetable, (params, tx.init(params), x, y)
 
 
 def test_later_phases_have_strictly_less_backward_work(conv_step):
-  step, schedule, args = conv_step
-  assert schedule.freeze_steps == (4, 6, 7, 8)
+  step, timetable, args = conv_step
+  assert timetable.freeze_steps == (4, 6, 7, 8)
   convolutions, flops = [], []
-  for phase in range(len(schedule.phases)):
+  for phase in range(len(timetable.phases)):
     compiled = step.program(*args, phase=phase).compile()
     convolutions.append(len(re.findall(r"= \S+ convolution\(", compiled.as_text())))
     flops.append(compiled.cost_analysis()["flops"])
@@ -227,10 +227,10 @@ def test_estimate_saving_weighs_each_phase_by_its_steps(conv_step):
 
 
 def test_one_program_per_phase_met_and_no_recompilation():
-  schedule = mo.FreezeOutSchedule(num_layers=3, total_steps=8, t_0=0.5,
+  timetable = mo.FreezeOutTimetable(num_layers=3, total_steps=8, t_0=0.5,
                                   spacing="linear")
-  assert schedule.freeze_steps == (4, 6, 8)
-  tx = mo.freezeout(optax.sgd(0.1), schedule, layers=MLP_LAYERS)
+  assert timetable.freeze_steps == (4, 6, 8)
+  tx = mo.freezeout(optax.sgd(0.1), timetable, layers=MLP_LAYERS)
   params = mlp_params()
   opt_state = tx.init(params)
   step = mo.train_step(mlp_loss, tx, dispatch="host")
@@ -245,13 +245,13 @@ def test_one_program_per_phase_met_and_no_recompilation():
 
 @pytest.mark.parametrize("traced", [False, True])
 def test_keep_frozen_keeps_statistics_of_frozen_layers(traced):
-  schedule = mo.FreezeOutSchedule(num_layers=3, total_steps=10, t_0=0.5,
+  timetable = mo.FreezeOutTimetable(num_layers=3, total_steps=10, t_0=0.5,
                                   spacing="linear")
-  assert schedule.freeze_steps == (5, 8, 10)
+  assert timetable.freeze_steps == (5, 8, 10)
   layers = {"conv0": 0, "bn0": 0, "conv1": 1, "bn1": 1, "head": 2}
   old = {"bn0": {"mean": jnp.zeros(2)}, "bn1": {"mean": jnp.zeros(3)}}
   new = {"bn0": {"mean": jnp.ones(2)}, "bn1": {"mean": jnp.ones(3)}}
-  keep = lambda step: mo.keep_frozen(new, old, schedule, layers=layers, step=step)
+  keep = lambda step: mo.keep_frozen(new, old, timetable, layers=layers, step=step)
   if traced:
     keep = jax.jit(keep)
   for step, bn0, bn1 in [(0, 1, 1), (4, 1, 1), (5, 0, 1), (7, 0, 1), (8, 0, 0)]:
@@ -280,23 +280,23 @@ def test_layers_by_module_follows_flax_creation_order():
 
 class TestBadInput:
 
-  def test_schedule_arguments(self):
+  def test_timetable_arguments(self):
     with pytest.raises(ValueError, match="t_0 must be in"):
-      mo.FreezeOutSchedule(num_layers=3, total_steps=10, t_0=0.0)
+      mo.FreezeOutTimetable(num_layers=3, total_steps=10, t_0=0.0)
     with pytest.raises(ValueError, match="spacing must be one of"):
-      mo.FreezeOutSchedule(num_layers=3, total_steps=10, spacing="quartic")
+      mo.FreezeOutTimetable(num_layers=3, total_steps=10, spacing="quartic")
     with pytest.raises(TypeError, match="total_steps must be an int"):
-      mo.FreezeOutSchedule(num_layers=3, total_steps=10.5)
+      mo.FreezeOutTimetable(num_layers=3, total_steps=10.5)
 
   def test_a_layer_without_parameters(self):
-    schedule = mo.FreezeOutSchedule(num_layers=4, total_steps=10)
-    tx = mo.freezeout(optax.sgd(0.1), schedule, layers=MLP_LAYERS)
+    timetable = mo.FreezeOutTimetable(num_layers=4, total_steps=10)
+    tx = mo.freezeout(optax.sgd(0.1), timetable, layers=MLP_LAYERS)
     with pytest.raises(ValueError, match=r"layers \[3\] have no parameters"):
       tx.init(mlp_params())
 
   def test_a_layer_index_out_of_range_names_the_leaf(self):
-    schedule = mo.FreezeOutSchedule(num_layers=3, total_steps=10)
-    tx = mo.freezeout(optax.sgd(0.1), schedule,
+    timetable = mo.FreezeOutTimetable(num_layers=3, total_steps=10)
+    tx = mo.freezeout(optax.sgd(0.1), timetable,
                       layers={"layer0": 0, "layer1": 1, "head": 3})
     with pytest.raises(ValueError, match="'head/b' is labelled 3"):
       tx.init(mlp_params())

@@ -95,7 +95,7 @@ def test_follows_the_published_algorithm_and_the_core_api():
     # The same program as the core's, so the same bits.
     chex.assert_trees_all_equal(results[dispatch], core)
     assert state.step == STEPS
-    assert int(mo.find_schedule_state(state.opt_state)[0].count) == STEPS
+    assert int(mo.find_timetable_state(state.opt_state).count) == STEPS
   chex.assert_trees_all_equal(results["cond"], results["host"])
 
 
@@ -233,7 +233,7 @@ def test_has_aux_returns_aux():
 class TestBadInput:
 
   def test_optimizer_without_schedule(self):
-    with pytest.raises(ValueError, match="holds no schedule of active groups"):
+    with pytest.raises(ValueError, match="holds no timetable of active groups"):
       mo.linen.TrainState.create(apply_fn=MLP().apply,
                                  params=linen_params(mlp_params()),
                                  tx=optax.sgd(0.1))

@@ -31,7 +31,7 @@ def run(tx, params, data, dispatch="host"):
     params, opt_state, (_, used) = step(params, opt_state, batch)
     seen.append(jax.tree.map(np.array, used))
     full.append(jax.tree.map(np.array, mo.full_weights(params, opt_state)))
-    own = mo.find_schedule_state(opt_state)[0].inner
+    own = mo.random_subgroups_state(opt_state)
     states.append(jax.tree.map(np.array, (own.slow, own.inner)))
   return seen, full, states
 
@@ -113,7 +113,7 @@ def test_subgroups_have_the_fraction_and_are_redrawn_every_period():
   for _ in range(12):
     updates, state = update(jax.tree.map(jnp.ones_like, params), state, params)
     params = optax.apply_updates(params, updates)
-    masks.append(np.array(state.inner.slow["big"]))
+    masks.append(np.array(mo.random_subgroups_state(state).slow["big"]))
   for t, mask in enumerate(masks):
     cycle_start = masks[t - t % period]
     np.testing.assert_array_equal(mask, cycle_start)
@@ -122,7 +122,7 @@ def test_subgroups_have_the_fraction_and_are_redrawn_every_period():
   assert not np.array_equal(masks[0], masks[period])
   assert not np.array_equal(masks[period], masks[2 * period])
   # Each leaf draws its own subgroup.
-  assert not np.array_equal(masks[0].ravel()[:7], np.array(state.inner.slow["small"]))
+  assert not np.array_equal(masks[0].ravel()[:7], np.array(mo.random_subgroups_state(state).slow["small"]))
 
 
 def test_the_key_in_the_state_decides_the_subgroups():
@@ -132,7 +132,7 @@ def test_the_key_in_the_state_decides_the_subgroups():
   def first_subgroup(key):
     tx = mo.random_subgroups(optax.sgd(0.01), fraction=0.5, period=2, key=key)
     _, state = jax.jit(tx.update)(grads, tx.init(params), params)
-    return state.inner.slow
+    return mo.random_subgroups_state(state).slow
 
   chex.assert_trees_all_equal(first_subgroup(jax.random.key(5)),
                               first_subgroup(jax.random.key(5)))
@@ -178,10 +178,10 @@ def test_adam_moments_of_slow_weights_are_held():
   grads = jax.tree.map(jnp.ones_like, params)
   updates, state = update(grads, state, params)  # full step: draws a subgroup
   params = optax.apply_updates(params, updates)
-  slow = state.inner.slow["head"]["w"]
-  before = state.inner.inner[0]
+  slow = mo.random_subgroups_state(state).slow["head"]["w"]
+  before = mo.random_subgroups_state(state).inner[0]
   updates, state = update(grads, state, params)  # fast step
-  after = state.inner.inner[0]
+  after = mo.random_subgroups_state(state).inner[0]
   for moment in ("mu", "nu"):
     old = getattr(before, moment)["head"]["w"]
     new = getattr(after, moment)["head"]["w"]

@@ -267,7 +267,7 @@ class TestBadInput:
   def test_optimizer_without_schedule(self):
     tx = optax.sgd(0.1)
     step = mo.train_step(mlp_loss, tx)
-    with pytest.raises(ValueError, match="holds no schedule of active groups"):
+    with pytest.raises(ValueError, match="holds no timetable of active groups"):
       step(self.params, tx.init(self.params), batches(1)[0])
 
   def test_host_dispatch_inside_apply_if_finite(self):
@@ -279,7 +279,7 @@ class TestBadInput:
     cond_step = mo.train_step(mlp_loss, tx, dispatch="cond")
     params, opt_state, _ = cond_step(self.params, tx.init(self.params),
                                      batches(1)[0])
-    assert int(mo.find_schedule_state(opt_state)[0].count) == 1
+    assert int(mo.find_timetable_state(opt_state).count) == 1
 
   def test_not_callable(self):
     with pytest.raises(TypeError, match="loss_fn must be callable"):

@@ -1,0 +1,158 @@
+"""How a train step runs the phase of each step: ``'cond'`` or ``'host'``.
+
+One engine for every train step (the core's, Linen's, NNX's): given the step
+of one phase, a pure function of its arguments, it compiles either one program
+that picks the phase on the device with ``jax.lax.switch`` (``'cond'``), or
+one program per phase picked from a host-side copy of the timetable's count
+(``'host'``), with no device-to-host transfer per step. It also refuses what
+would make the host-side count wrong: a state inside a wrapper that may skip
+updates, a call under the user's own ``jax.jit``, and state buffers that an
+earlier call consumed.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Optional
+
+import jax
+import optax
+
+from multirate_optax._timetable import Located, locate_timetable_state
+
+Dispatch = Literal["auto", "cond", "host"]
+
+# Nodes of an optimizer state known to advance the inner state they hold
+# exactly once per update (optax.chain, named_chain, partition, masked,
+# inject_hyperparams, lookahead's fast state, the contrib wrappers below).
+# Inside anything else (apply_if_finite, MultiSteps, conditionally_mask or
+# _transform, SAM, a wrapper of yours) the inner count may stand still on some
+# steps, and a host-side copy of it would drift.
+_ADVANCES_ONCE_PER_UPDATE: frozenset[type] = frozenset((
+    tuple, list, dict, collections.OrderedDict,
+    optax.PartitionState, optax.MaskedState,
+    optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState,
+    optax.LookaheadState,
+    optax.contrib.ScheduleFreeState, optax.contrib.MechanicState,
+))
+
+
+def resolve_dispatch(dispatch: Dispatch, backend: Optional[str] = None) -> str:
+  """Resolves ``'auto'``: ``'host'`` on CPU, ``'cond'`` on other backends.
+
+  XLA:CPU runs convolution weight gradients inside ``lax.cond`` on a slow path
+  (jax-ml/jax#12868), so a conv net's full branch can be many times slower in
+  one program with a conditional than on its own. GPU and TPU have no such
+  penalty, and one program is what ``lax.scan`` and pipelining need.
+  """
+  if dispatch not in ("auto", "cond", "host"):
+    raise ValueError(
+        f"dispatch must be 'auto', 'cond' or 'host', got {dispatch!r}.")
+  if dispatch != "auto":
+    return dispatch
+  backend = jax.default_backend() if backend is None else backend
+  return "host" if backend == "cpu" else "cond"
+
+
+class PhaseDispatch:
+  """Runs ``step_of_phase`` for the phase of the optimizer state's count.
+
+  Args:
+    step_of_phase: ``step_of_phase(phase, *args) -> outputs``, pure, with
+      ``phase`` a static int; ``args[state_argnum]`` and
+      ``outputs[state_argnum]`` are the optimizer state before and after.
+    state_argnum: where the optimizer state is, in the arguments and in the
+      outputs.
+    dispatch: ``'auto'``, ``'cond'`` or ``'host'``.
+    donate_argnums: the arguments whose buffers the step may reuse.
+  """
+
+  def __init__(self, step_of_phase: Callable[..., Sequence[Any]], *,
+               state_argnum: int, dispatch: Dispatch,
+               donate_argnums: tuple[int, ...]):
+    self.dispatch = resolve_dispatch(dispatch)
+    self._step_of_phase = step_of_phase
+    self._state_argnum = state_argnum
+    self._donated = bool(donate_argnums)
+    self._switch_program = jax.jit(self.switch, donate_argnums=donate_argnums)
+    self._phase_program = jax.jit(
+        step_of_phase, static_argnums=0,
+        donate_argnums=tuple(i + 1 for i in donate_argnums))
+    self._count: Optional[int] = None
+    self._last_count: Optional[jax.Array] = None
+
+  def switch(self, *args) -> Sequence[Any]:
+    """The step of every phase, one picked with ``jax.lax.switch``; traceable."""
+    state = locate_timetable_state(args[self._state_argnum]).state
+    timetable = state.timetable
+    branches = [functools.partial(self._step_of_phase, phase)
+                for phase in range(len(timetable.phases))]
+    return jax.lax.switch(timetable.phase(state.count), branches, *args)
+
+  def program(self, *args, phase: Optional[int] = None) -> jax.stages.Lowered:
+    """The lowered program of ``phase``, or the ``lax.switch`` one if ``None``."""
+    if phase is None:
+      return self._switch_program.lower(*args)
+    return self._phase_program.lower(phase, *args)
+
+  def __call__(self, *args) -> Sequence[Any]:
+    if self.dispatch == "cond":
+      return self._run(self._switch_program, args)
+    phase = self._host_phase(locate_timetable_state(args[self._state_argnum]))
+    outputs = self._run(functools.partial(self._phase_program, phase), args)
+    self._count += 1
+    self._last_count = locate_timetable_state(
+        outputs[self._state_argnum]).state.count
+    return outputs
+
+  def _host_phase(self, located: Located) -> int:
+    """The phase of the step about to run, from the host-side count.
+
+    The count is read from the device only when the state passed in does not
+    hold the count array the last call returned (the first call, a restored
+    checkpoint, a state from elsewhere); otherwise it is advanced on the host.
+    """
+    count = located.state.count
+    if count is not self._last_count:
+      if isinstance(count, jax.core.Tracer):
+        raise TypeError(
+            "a train step with 'host' dispatch was called inside a JAX "
+            "transformation (jax.jit, nnx.jit, scan, ...), where the step "
+            "count is not known on the host: build the step with "
+            "dispatch='cond', or call its .apply method (one lax.switch "
+            "program) inside your own jit.")
+      # Exact types: every optax state is a NamedTuple, a tuple subclass.
+      refused = [t for t in located.enclosing
+                 if t not in _ADVANCES_ONCE_PER_UPDATE]
+      if refused:
+        raise ValueError(
+            "'host' dispatch counts steps on the host, but the timetable's "
+            f"state is inside {refused[0].__module__}.{refused[0].__qualname__},"
+            " which is not known to advance it once per step (optax."
+            "apply_if_finite, MultiSteps and conditionally_mask skip updates), "
+            "so the host-side count could drift from it: use dispatch='cond', "
+            "or put the wrapper inside the optimizers of the groups.")
+      self._check_not_donated(count)
+      self._count = int(count)
+    return located.state.timetable.phase(self._count)
+
+  def _run(self, program: Callable[..., Any], args: Sequence[Any]):
+    try:
+      return program(*args)
+    except (RuntimeError, ValueError) as e:
+      for leaf in jax.tree.leaves(args):
+        self._check_not_donated(leaf, e)
+      raise
+
+  def _check_not_donated(self, leaf: Any,
+                         error: Optional[Exception] = None) -> None:
+    if isinstance(leaf, jax.Array) and leaf.is_deleted():
+      raise ValueError(
+          "the train step was given a state whose buffers were already "
+          "donated to an earlier call"
+          + (" of a step built with donate=True (the default)"
+             if self._donated else "")
+          + ": pass the state that call returned, or build the step with "
+          "donate=False to keep earlier states usable.") from error
