@@ -26,15 +26,14 @@ Dispatch = Literal["auto", "cond", "host"]
 
 # Nodes of an optimizer state known to advance the inner state they hold
 # exactly once per update (optax.chain, named_chain, partition, masked,
-# inject_hyperparams, lookahead's fast state, the contrib wrappers below).
+# inject_hyperparams, contrib's schedule_free and mechanize; each is tested).
 # Inside anything else (apply_if_finite, MultiSteps, conditionally_mask or
-# _transform, SAM, a wrapper of yours) the inner count may stand still on some
+# _transform, a wrapper of yours) the inner count may stand still on some
 # steps, and a host-side copy of it would drift.
 _ADVANCES_ONCE_PER_UPDATE: frozenset[type] = frozenset((
     tuple, list, dict, collections.OrderedDict,
     optax.PartitionState, optax.MaskedState,
     optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState,
-    optax.LookaheadState,
     optax.contrib.ScheduleFreeState, optax.contrib.MechanicState,
 ))
 

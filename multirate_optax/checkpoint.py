@@ -156,12 +156,16 @@ def _restore(manager: ocp.CheckpointManager, target: PyTree,
   except (ValueError, UnicodeDecodeError) as e:  # json's errors included.
     raise ValueError(
         f"{where} has unreadable metadata in "
-        f"{os.path.join(os.fspath(manager.directory), str(step), MULTIRATE_ITEM)}"
-        f" ({type(e).__name__}: {e}): the file is damaged; restore another "
-        "step, or rewrite it with the checkpoint's state.") from e
-  _check_same_timetable(expected, found, where)
+        f"{_metadata_file(manager, step)} ({type(e).__name__}: {e}): the file "
+        "is damaged; restore another step.") from e
+  _check_same_timetable(expected, found, where, _metadata_file(manager, step))
   return manager.restore(step, args=ocp.args.Composite(**{
       STATE_ITEM: ocp.args.StandardRestore(target)}))[STATE_ITEM]
+
+
+def _metadata_file(manager: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(os.fspath(manager.directory), str(step), MULTIRATE_ITEM,
+                      "metadata")
 
 
 def _timetable_metadata(state: PyTree,
@@ -220,15 +224,14 @@ def _describe(timetable: dict[str, Any]) -> str:
   return f"{timetable['type']}({fields})"
 
 
-def _check_same_timetable(expected: dict[str, Any], found: dict[str, Any],
-                         where: str) -> None:
+def _check_same_timetable(expected: dict[str, Any], found: Any, where: str,
+                          file: str) -> None:
   """Raises a ValueError naming what differs between two timetable descriptions."""
   if not isinstance(found, dict) or not {"format", "timetable", "labels",
                                          "paths"} <= set(found):
     raise ValueError(
-        f"{where} has damaged metadata in its {MULTIRATE_ITEM!r} item: "
-        f"expected a JSON object with format, timetable, labels and paths, "
-        f"found {str(found)[:200]!r}.")
+        f"{where} has damaged metadata in {file}: expected a JSON object with "
+        f"format, timetable, labels and paths, found {str(found)[:200]!r}.")
   if found["format"] != _FORMAT:
     raise ValueError(
         f"{where} holds multirate metadata of format {found['format']!r}; "

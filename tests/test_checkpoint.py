@@ -5,6 +5,7 @@ fresh process that restores the checkpoints in DIR, continues training and
 writes the trajectories to OUT.
 """
 
+import re
 import subprocess
 import sys
 
@@ -218,6 +219,22 @@ def test_refuses_a_checkpoint_without_multirate_metadata(tmp_path):
         state=ocp.args.StandardSave(state)))
   with pytest.raises(ValueError, match="not written by multirate_optax"):
     checkpoint.restore(tmp_path, state)
+
+
+@pytest.mark.parametrize("damage, error", [
+    (b"\xff\xfe\x00garbage", "UnicodeDecodeError"),
+    (b'{"format": 2, "timet', "JSONDecodeError"),
+    (b'["not", "an", "object"]', "expected a JSON object"),
+    (b'{"format": 2}', "expected a JSON object with format, timetable"),
+])
+def test_damaged_metadata_names_the_file_and_step(saved_period_3, damage, error):
+  metadata = saved_period_3 / str(SAVE_AT) / checkpoint.MULTIRATE_ITEM / "metadata"
+  assert metadata.is_file()
+  metadata.write_bytes(damage)
+  with pytest.raises(ValueError, match=(
+      rf"the checkpoint of step {SAVE_AT} in .* metadata in "
+      rf"{re.escape(str(metadata))}.*{error}")):
+    checkpoint.restore(saved_period_3, initial_state(make_optimizer()))
 
 
 def test_no_checkpoint(tmp_path):

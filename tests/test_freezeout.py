@@ -13,7 +13,7 @@ import pytest
 
 import multirate_optax as mo
 from _models import batches, mlp_loss, mlp_params
-from test_train_step import count_compilations
+from _probes import count_compilations
 
 MLP_LAYERS = {"layer0": 0, "layer1": 1, "head": 2}
 

@@ -9,27 +9,13 @@ import optax
 import pytest
 
 import multirate_optax as mo
-from _models import batches, is_fast, mlp_loss, mlp_params
+from _models import batches, mlp_params
 from _reference import multirate_sgd
-from _probes import count_compilations, count_host_reads
+from _steps import (
+    H, MU, NAMES, LinenHarness, LinenMLP, cross_entropy, linen_loss,
+    linen_params)
 
-H, MU, STEPS = 0.2, 0.9, 22
-NAMES = ("layer0", "layer1", "head")
-
-
-class MLP(nn.Module):
-  """The MLP of tests/_models.py as a Linen module."""
-
-  @nn.compact
-  def __call__(self, x):
-    x = jnp.tanh(nn.Dense(16, name="layer0")(x))
-    x = jnp.tanh(nn.Dense(16, name="layer1")(x))
-    return nn.Dense(3, name="head")(x)
-
-
-def linen_params(params):
-  return {name: {"kernel": params[name]["w"], "bias": params[name]["b"]}
-          for name in NAMES}
+MLP, mlp_loss_fn = LinenMLP, linen_loss
 
 
 def as_mlp_params(params):
@@ -37,27 +23,12 @@ def as_mlp_params(params):
                  "b": np.array(params[name]["bias"])} for name in NAMES}
 
 
-def cross_entropy(logits, y):
-  return -jnp.mean(jnp.take_along_axis(
-      jax.nn.log_softmax(logits), y[:, None], axis=1))
-
-
-def mlp_loss_fn(params, batch_stats, batch, rng):
-  del rng  # No dropout.
-  x, y = batch
-  return cross_entropy(MLP().apply({"params": params}, x), y), batch_stats
-
-
 def multirate_tx(period, drift=False):
-  return mo.multirate(optax.sgd(H / period, momentum=MU),
-                      labels=mo.fast_by_path("^head/"), period=period,
-                      drift=drift)
+  return LinenHarness(period, drift=drift).tx
 
 
 def create_state(period, drift=False):
-  return mo.linen.TrainState.create(
-      apply_fn=MLP().apply, params=linen_params(mlp_params()),
-      tx=multirate_tx(period, drift))
+  return LinenHarness(period, drift=drift).state
 
 
 def train_linen(step, state, data, key=jax.random.key(0)):
@@ -66,37 +37,6 @@ def train_linen(step, state, data, key=jax.random.key(0)):
     state, _ = step(state, batch, jax.random.fold_in(key, t))
     history.append(as_mlp_params(state.params))  # before it is donated
   return history, state
-
-
-def test_follows_the_published_algorithm_and_the_core_api():
-  # Drift and other optimizer semantics are the core's (tests/test_train_step.py).
-  period, drift = 3, False
-  data = batches(STEPS)
-  expected = multirate_sgd(mlp_params(), mlp_loss, data, h=H, momentum=MU,
-                           period=period, drift=drift, is_fast=is_fast)
-  key = jax.random.key(0)
-  results = {}
-  for dispatch in ("cond", "host"):
-    # The core API on the same parameters, loss and data.
-    tx = multirate_tx(period, drift)
-    core_step = mo.train_step(mlp_loss_fn, tx, has_aux=True, dispatch=dispatch)
-    params = linen_params(mlp_params())
-    opt_state = tx.init(params)
-    core = []
-    for t, batch in enumerate(data):
-      params, opt_state, _ = core_step(params, opt_state, {}, batch,
-                                       jax.random.fold_in(key, t))
-      core.append(as_mlp_params(params))
-
-    step = mo.linen.train_step(mlp_loss_fn, dispatch=dispatch)
-    results[dispatch], state = train_linen(step, create_state(period, drift),
-                                           data, key)
-    chex.assert_trees_all_close(results[dispatch], expected, rtol=1e-5, atol=1e-6)
-    # The same program as the core's, so the same bits.
-    chex.assert_trees_all_equal(results[dispatch], core)
-    assert state.step == STEPS
-    assert int(mo.find_timetable_state(state.opt_state).count) == STEPS
-  chex.assert_trees_all_equal(results["cond"], results["host"])
 
 
 def test_apply_under_scan():
@@ -118,39 +58,6 @@ def test_apply_under_scan():
   chex.assert_trees_all_close(as_mlp_params(state.params), want[-1],
                               rtol=1e-6, atol=1e-7)
   assert int(state.step) == 9
-
-
-@pytest.mark.parametrize("dispatch, programs", [("cond", 1), ("host", 2)])
-def test_compiles_once_per_program_and_reads_nothing_back_per_step(dispatch, programs):
-  step = mo.linen.train_step(mlp_loss_fn, dispatch=dispatch)
-  state = create_state(3)
-  data = batches(12)
-  key = jax.random.key(0)
-  with count_compilations() as compiled:
-    for batch in data[:2]:
-      state, _ = step(state, batch, key)
-    after_two = compiled[0]
-    with count_host_reads() as reads:
-      for batch in data[2:]:
-        state, loss = step(state, batch, key)
-  assert after_two >= programs
-  assert compiled[0] == after_two
-  assert reads[0] == 0
-  assert np.isfinite(float(loss))
-
-
-def test_host_counter_follows_a_state_it_did_not_return():
-  data = batches(8)
-  want, _ = train_linen(mo.linen.train_step(mlp_loss_fn, dispatch="cond"),
-                        create_state(4), data)
-  step = mo.linen.train_step(mlp_loss_fn, dispatch="host")
-  first, state = train_linen(step, create_state(4), data[:1])
-  saved = jax.tree.map(jnp.array, state)
-  train_linen(step, state, data[1:6])
-  # Rewound, as if restored from a checkpoint: count 1 (a fast step), new
-  # arrays; the host count must follow it, not its own count of 6.
-  rest, _ = train_linen(step, saved, data[1:])
-  chex.assert_trees_all_equal(first + rest, want)
 
 
 class BatchNormNet(nn.Module):

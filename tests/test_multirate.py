@@ -175,6 +175,43 @@ def test_composes_with_inject_hyperparams():
   np.testing.assert_array_equal(updates["layer0"]["w"], 0.0)
 
 
+def test_inject_hyperparams_with_static_structure_is_multirate_bitwise():
+  params, _, grads = reference_and_grads(3, True, steps=6)
+  labels = mo.fast_by_path("^head/")
+  plain = mo.multirate(optax.sgd(0.1, momentum=0.9), labels=labels, period=3,
+                       drift=True)
+  injected = optax.inject_hyperparams(
+      mo.multirate, static_args=("labels", "period", "drift"))(
+          optax.sgd(0.1, momentum=0.9), labels=labels, period=np.int64(3),
+          drift=True)
+  want, _ = run_optimizer(plain, params, grads)
+  got, _ = run_optimizer(injected, params, grads)
+  chex.assert_trees_all_equal(got, want)
+
+
+def test_period_may_be_a_numpy_integer():
+  tx = mo.multirate(optax.sgd(0.1), labels=HEAD_FAST, period=np.int32(4))
+  timetable = mo.find_timetable_state(tx.init(mlp_params())).timetable
+  assert timetable == mo.MultirateTimetable(4)
+  assert type(timetable.period) is int
+
+
+def test_depth_labels_survive_sorted_keys():
+  # Parameters returned by jit have sorted keys (Dense_10 before Dense_2):
+  # the optimizer must keep the module order it saw at init.
+  params = {f"Dense_{i}": {"kernel": jnp.full(2, float(i))} for i in range(11)}
+  tx = mo.multirate(optax.sgd(1.0), labels=mo.fast_by_depth(1), period=2,
+                    slow_scale=1.0)
+  state = tx.init(params)
+  sorted_params = jax.jit(lambda p: p)(params)
+  assert list(sorted_params)[:3] == ["Dense_0", "Dense_1", "Dense_10"]
+  grads = jax.tree.map(jnp.ones_like, sorted_params)
+  _, state = tx.update(grads, state, sorted_params)  # slow step: all move
+  updates, _ = tx.update(grads, state, sorted_params)  # fast step
+  assert float(updates["Dense_10"]["kernel"][0]) == -1.0
+  assert float(updates["Dense_9"]["kernel"][0]) == 0.0
+
+
 def test_composes_with_apply_if_finite():
   params, _, grads = reference_and_grads(2, False, steps=3)
   tx = optax.apply_if_finite(
@@ -245,9 +282,50 @@ class TestBadInput:
     with pytest.raises(ValueError, match=r"'layer1/b' is labelled 'fsat'.*\['fast', 'slow'\]"):
       tx.init(mlp_params())
 
-  def test_empty_fast_set(self):
-    tx = mo.multirate(optax.sgd(0.1), labels=mo.fast_by_path("nothing"), period=2)
-    with pytest.raises(ValueError, match="no parameter is labelled 'fast'"):
+  @pytest.mark.parametrize("pattern, empty", [("nothing", "fast"), ("", "slow")])
+  def test_empty_group(self, pattern, empty):
+    tx = mo.multirate(optax.sgd(0.1), labels=mo.fast_by_path(pattern), period=2)
+    with pytest.raises(ValueError, match=f"no parameter is labelled '{empty}'"):
+      tx.init(mlp_params())
+
+  def test_state_made_for_another_period(self):
+    params, _, grads = reference_and_grads(3, False, steps=1)
+    state = mo.multirate(optax.sgd(0.1), labels=HEAD_FAST, period=3).init(params)
+    other = mo.multirate(optax.sgd(0.1), labels=HEAD_FAST, period=5)
+    message = (r"state was made for MultirateTimetable\(period=3\), but this "
+               r"optimizer follows MultirateTimetable\(period=5\)")
+    with pytest.raises(ValueError, match=message):
+      other.update(grads[0], state, params)
+    # The same through a train step built on the other optimizer.
+    with pytest.raises(ValueError, match=message):
+      mo.train_step(mlp_loss, other, dispatch="host")(params, state, batches(1)[0])
+
+  def test_state_made_with_other_labels(self):
+    params, _, grads = reference_and_grads(3, False, steps=1)
+    state = mo.multirate(optax.sgd(0.1), labels=HEAD_FAST, period=3).init(params)
+    other = mo.multirate(optax.sgd(0.1), labels=mo.fast_by_path("^(head|layer1)/"),
+                         period=3)
+    with pytest.raises(ValueError, match=r"other labels.*2 of 6 leaves differ: "
+                       r"'layer1/b': state 'slow', this optimizer 'fast'"):
+      other.update(grads[0], state, params)
+
+  def test_slow_scale_not_a_number(self):
+    with pytest.raises(TypeError, match=r"slow_scale must be a real number \(or a real scalar array\), got "
+                       "'2' of type str"):
+      mo.multirate(optax.sgd(0.1), labels=HEAD_FAST, period=2, slow_scale="2")
+
+  def test_inject_hyperparams_without_static_args(self):
+    tx = optax.inject_hyperparams(mo.multirate)(
+        optax.sgd(0.1), labels=HEAD_FAST, period=3)
+    with pytest.raises(TypeError, match=r"period must be a Python or numpy int"
+                       r".*inject_hyperparams.*static_args"):
+      tx.init(mlp_params())
+
+  def test_inject_hyperparams_with_callable_labels_not_static(self):
+    tx = optax.inject_hyperparams(mo.multirate, static_args=("period",))(
+        optax.sgd(0.1), labels=mo.fast_by_path("^head/"), period=3)
+    with pytest.raises(TypeError, match=r"called with an integer scalar array"
+                       r".*static_args=\('labels', 'period'"):
       tx.init(mlp_params())
 
   def test_update_with_other_structure(self):

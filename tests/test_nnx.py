@@ -9,161 +9,16 @@ import pytest
 from flax import nnx
 
 import multirate_optax as mo
-from _models import SIZES, batches, is_fast, mlp_loss, mlp_params
+from _models import batches, mlp_params
 from _reference import multirate_sgd
-from _probes import count_compilations, count_host_reads, hlo_op_count
+from _steps import H, MU, NNXHarness, NNXMLP, nnx_loss
 
-H, MU, STEPS = 0.2, 0.9, 22
 HEAD = nnx.PathContains("head")
-NAMES = ("layer0", "layer1", "head")
-
-
-class MLP(nnx.Module):
-  """The MLP of tests/_models.py as an nnx.Module."""
-
-  def __init__(self, params):
-    rngs = nnx.Rngs(0)
-    for name, (n_in, n_out) in zip(NAMES, zip(SIZES[:-1], SIZES[1:])):
-      layer = nnx.Linear(n_in, n_out, rngs=rngs)
-      layer.kernel.set_value(params[name]["w"])
-      layer.bias.set_value(params[name]["b"])
-      setattr(self, name, layer)
-
-  def __call__(self, x):
-    h = jnp.tanh(self.layer1(jnp.tanh(self.layer0(x))))
-    return self.head(h)
-
-
-def nnx_loss(model, batch):
-  x, y = batch
-  return -jnp.mean(jnp.take_along_axis(
-      jax.nn.log_softmax(model(x)), y[:, None], axis=1))
-
-
-def as_mlp_params(model):
-  """The model's parameters in tests/_models.py's naming, copied to numpy."""
-  return {name: {"w": np.array(getattr(model, name).kernel.get_value()),
-                 "b": np.array(getattr(model, name).bias.get_value())}
-          for name in NAMES}
+MLP = NNXMLP
 
 
 def multirate_tx(period, drift=False):
-  return mo.multirate(optax.sgd(H / period, momentum=MU),
-                      labels=mo.nnx.fast_by_filter(HEAD), period=period,
-                      drift=drift)
-
-
-def train_nnx(step, model, optimizer, data):
-  history = []
-  for batch in data:
-    step(model, optimizer, batch)
-    history.append(as_mlp_params(model))
-  return history
-
-
-def test_follows_the_published_algorithm_and_the_core_api():
-  # Drift and other optimizer semantics are the core's (tests/test_train_step.py).
-  period, drift = 3, False
-  data = batches(STEPS)
-  expected = multirate_sgd(mlp_params(), mlp_loss, data, h=H, momentum=MU,
-                           period=period, drift=drift, is_fast=is_fast)
-
-  # The core API on the same model's parameter state.
-  model = MLP(mlp_params())
-  graphdef, params = nnx.split(model, nnx.Param)
-
-  def core_loss(params, batch):
-    return nnx_loss(nnx.merge(graphdef, params), batch)
-
-  tx = multirate_tx(period, drift)
-  core_step = mo.train_step(core_loss, tx, dispatch="host")
-  opt_state = tx.init(params)
-  core = []
-  for batch in data:
-    params, opt_state, _ = core_step(params, opt_state, batch)
-    core.append(as_mlp_params(nnx.merge(graphdef, params)))
-
-  results = {}
-  for dispatch in ("cond", "host"):
-    model = MLP(mlp_params())
-    optimizer = nnx.Optimizer(model, multirate_tx(period, drift), wrt=nnx.Param)
-    step = mo.nnx.train_step(nnx_loss, dispatch=dispatch)
-    results[dispatch] = train_nnx(step, model, optimizer, data)
-    chex.assert_trees_all_close(results[dispatch], expected, rtol=1e-5, atol=1e-6)
-    chex.assert_trees_all_equal(results[dispatch], core)
-    assert int(optimizer.step[...]) == STEPS
-  chex.assert_trees_all_equal(results["cond"], results["host"])
-
-
-def test_usable_under_your_own_nnx_jit():
-  data = batches(8)
-  want_model = MLP(mlp_params())
-  want_optimizer = nnx.Optimizer(want_model, multirate_tx(3), wrt=nnx.Param)
-  want = train_nnx(mo.nnx.train_step(nnx_loss, dispatch="cond"), want_model,
-                   want_optimizer, data)
-  step = mo.nnx.train_step(nnx_loss)
-
-  @nnx.jit
-  def jitted(model, optimizer, batch):
-    return step.apply(model, optimizer, batch)
-
-  model = MLP(mlp_params())
-  optimizer = nnx.Optimizer(model, multirate_tx(3), wrt=nnx.Param)
-  got = train_nnx(jitted, model, optimizer, data)
-  chex.assert_trees_all_equal(got, want)
-
-
-def test_fast_program_has_no_backward_work_for_slow_layers():
-  model = MLP(mlp_params())
-  optimizer = nnx.Optimizer(model, multirate_tx(4), wrt=nnx.Param)
-  step = mo.nnx.train_step(nnx_loss, dispatch="host")
-  batch = batches(1)[0]
-  full = step.program(model, optimizer, batch, phase=0)
-  fast = step.program(model, optimizer, batch, phase=1)
-  # 3 layers: forward 3 dots; full backward 3 weight grads + 2 input grads;
-  # head-only backward 1 weight grad.
-  assert hlo_op_count(full, "dot") == 8
-  assert hlo_op_count(fast, "dot") == 4
-  assert "conditional(" in step.program(model, optimizer, batch).compile().as_text()
-
-
-@pytest.mark.parametrize("dispatch, programs", [("cond", 1), ("host", 2)])
-def test_compiles_once_per_program_and_reads_nothing_back_per_step(dispatch, programs):
-  model = MLP(mlp_params())
-  optimizer = nnx.Optimizer(model, multirate_tx(3), wrt=nnx.Param)
-  step = mo.nnx.train_step(nnx_loss, dispatch=dispatch)
-  data = batches(12)
-  with count_compilations() as compiled:
-    for batch in data[:2]:
-      step(model, optimizer, batch)
-    after_two = compiled[0]
-    with count_host_reads() as reads:
-      for batch in data[2:]:
-        loss = step(model, optimizer, batch)
-  assert after_two >= programs
-  assert compiled[0] == after_two
-  assert reads[0] == 0
-  assert np.isfinite(float(loss))
-
-
-def test_host_counter_follows_an_optimizer_state_it_did_not_leave():
-  data = batches(8)
-  model = MLP(mlp_params())
-  optimizer = nnx.Optimizer(model, multirate_tx(4), wrt=nnx.Param)
-  want = train_nnx(mo.nnx.train_step(nnx_loss, dispatch="cond"), model,
-                   optimizer, data)
-  model = MLP(mlp_params())
-  optimizer = nnx.Optimizer(model, multirate_tx(4), wrt=nnx.Param)
-  step = mo.nnx.train_step(nnx_loss, dispatch="host")
-  first = train_nnx(step, model, optimizer, data[:1])
-  saved = jax.tree.map(jnp.array, (nnx.state(model), nnx.state(optimizer)))
-  train_nnx(step, model, optimizer, data[1:6])
-  # Rewound, as if restored from a checkpoint: count 1 (a fast step), new
-  # arrays; the host count must follow it, not its own count of 6.
-  nnx.update(model, saved[0])
-  nnx.update(optimizer, saved[1])
-  rest = train_nnx(step, model, optimizer, data[1:])
-  chex.assert_trees_all_equal(first + rest, want)
+  return NNXHarness(period, drift=drift).tx
 
 
 class BatchNormNet(nnx.Module):
@@ -310,10 +165,3 @@ class TestBadInput:
     step = mo.nnx.train_step(lambda model: 0.0)
     with pytest.raises(TypeError, match="cannot be called as loss_fn"):
       step(model, optimizer, batches(1)[0])
-
-  def test_host_dispatch_inside_apply_if_finite(self):
-    model = MLP(mlp_params())
-    optimizer = nnx.Optimizer(model, optax.apply_if_finite(multirate_tx(2), 3),
-                              wrt=nnx.Param)
-    with pytest.raises(ValueError, match="use dispatch='cond'"):
-      mo.nnx.train_step(nnx_loss, dispatch="host")(model, optimizer, batches(1)[0])

@@ -23,6 +23,23 @@ print(changed)
   assert out.stdout.strip() == "[]"
 
 
+def test_import_loads_neither_flax_nor_experiment_dependencies():
+  script = """
+import sys, time
+start = time.perf_counter()
+import multirate_optax as mo
+print(time.perf_counter() - start)
+heavy = ("flax", "orbax", "chex", "sklearn", "torch", "matplotlib", "tqdm")
+print(sorted({m.split(".")[0] for m in sys.modules} & set(heavy)))
+mo.linen  # the adapters load on first use
+print("flax" in sys.modules)
+"""
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                       text=True, check=True).stdout.split("\n")
+  assert out[1] == "[]"
+  assert out[2] == "True"
+
+
 def test_readme_usage_example_runs():
   readme = (ROOT / "README.md").read_text()
   code = re.search(r"## Usage\n\n```python\n(.*?)```", readme, re.S).group(1)

@@ -9,7 +9,7 @@ import pytest
 
 import multirate_optax as mo
 from _models import batches, mlp_loss, mlp_params
-from test_train_step import count_compilations
+from _probes import count_compilations
 
 LR, MU = 0.1, 0.9
 
