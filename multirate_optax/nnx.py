@@ -156,23 +156,36 @@ class TrainStep:
     params = optax.apply_updates(params, updates)
     return params, opt_state, rest, optax.safe_increment(count), value
 
-  def _split(self, model: nnx.Module, optimizer: nnx.Optimizer):
+  @staticmethod
+  def _split(model: nnx.Module, optimizer: nnx.Optimizer):
+    """The step's pure arguments, and the variables its outputs go back to.
+
+    The variables are listed in the order of the leaves of the outputs
+    ``(params, opt_state, rest, count)``, so that writing back is one
+    ``set_value`` per leaf rather than a traversal of the module graph.
+    """
     graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
-    return (nnx.as_pure(params), nnx.as_pure(optimizer.opt_state), graphdef,
-            nnx.as_pure(rest), optimizer.step.get_value())
+    parts = (params, optimizer.opt_state, rest, optimizer.step)
+    # Variables that hold no array (optax.MaskedNode in a partitioned
+    # optimizer state) have no leaf in the outputs.
+    variables = [
+        v for v in jax.tree.leaves(
+            parts, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        if jax.tree.leaves(v.get_value())]
+    params, opt_state, rest, count = nnx.as_pure(parts)
+    return (params, opt_state, graphdef, rest, count), variables
 
   @staticmethod
-  def _write_back(model: nnx.Module, optimizer: nnx.Optimizer, outputs):
-    params, opt_state, rest, count, value = outputs
-    nnx.update(model, params, rest)
-    nnx.update(optimizer.opt_state, nnx.state(opt_state))
-    optimizer.step.set_value(count)
+  def _write_back(variables, outputs):
+    *parts, value = outputs
+    for variable, new in zip(variables, jax.tree.leaves(parts), strict=True):
+      variable.set_value(new)
     return value
 
   def __call__(self, model: nnx.Module, optimizer: nnx.Optimizer, *args):
     engine = self._engine(optimizer)
-    return self._write_back(
-        model, optimizer, engine(*self._split(model, optimizer), *args))
+    pure, variables = self._split(model, optimizer)
+    return self._write_back(variables, engine(*pure, *args))
 
   def apply(self, model: nnx.Module, optimizer: nnx.Optimizer, *args):
     """The step choosing the phase with ``jax.lax.switch``, traceable.
@@ -180,8 +193,8 @@ class TrainStep:
     Use it inside your own ``nnx.jit`` (or ``jax.jit`` over split state).
     """
     engine = self._engine(optimizer)
-    return self._write_back(
-        model, optimizer, engine.switch(*self._split(model, optimizer), *args))
+    pure, variables = self._split(model, optimizer)
+    return self._write_back(variables, engine.switch(*pure, *args))
 
   def program(self, model: nnx.Module, optimizer: nnx.Optimizer, *args,
               phase: Optional[int] = None) -> jax.stages.Lowered:
@@ -192,8 +205,8 @@ class TrainStep:
       phase: the phase whose ``'host'`` program to return; ``None`` returns
         the single ``lax.switch`` program of ``'cond'``.
     """
-    return self._engine(optimizer).program(
-        *self._split(model, optimizer), *args, phase=phase)
+    pure, _ = self._split(model, optimizer)
+    return self._engine(optimizer).program(*pure, *args, phase=phase)
 
 
 def train_step(
