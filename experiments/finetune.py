@@ -53,7 +53,7 @@ first on a throwaway copy of the state; that compilation and warm-up time is
 reported separately. Training time is the wall-clock of the training loop (host
 batching included, evaluation excluded), blocked on the final state.
 Depthwise convolutions run as sums of shifted products
-(:mod:`~multirate_optax.experiments._depthwise`), several times faster than
+(:mod:`~experiments.models.depthwise`), several times faster than
 XLA:CPU's depthwise convolution.
 
 Outputs under ``--out``: ``finetune.json`` (settings, every run, the summary),
@@ -62,11 +62,11 @@ seeds), and the printed table.
 
 Run::
 
-  multirate-finetune             # quick, < 5 min on a 2-core CPU
-  multirate-finetune --full      # 3 seeds, < 30 min
-  multirate-finetune --data my_images.npz   # your own images and labels
+  python -m experiments.finetune          # quick, < 5 min on a 2-core CPU
+  python -m experiments.finetune --full   # 3 seeds, < 30 min
+  python -m experiments.finetune --data my_images.npz   # your own images
 
-(or ``python -m multirate_optax.experiments.finetune``). ``--data`` takes an
+from the repository root. ``--data`` takes an
 ``.npz`` file of ``images`` (n, height, width, 3), ImageNet-normalised, and
 ``labels`` (n,); they are split like the digits.
 """
@@ -91,13 +91,12 @@ import numpy as np
 import optax
 import tqdm
 
-import multirate_optax as mo
-from multirate_optax._groups import leaf_paths
-from multirate_optax.data import (
+from experiments.data import (
     Dataset, Splits, load_digits_splits, shuffled_batches, stratified_splits)
-from multirate_optax.experiments._depthwise import depthwise_as_shifts
-from multirate_optax.models import (
+from experiments.models import (
     load_pretrained_efficientnet_lite0, replace_classifier, stage_block_names)
+from experiments.models.depthwise import depthwise_as_shifts
+import multirate_optax as mo
 
 PyTree = Any
 Rates = dict[str, float]
@@ -230,6 +229,15 @@ QUICK_GRIDS = {
 FULL = Settings(image_size=32, epochs=20, seeds=(0, 1, 2), grids=FULL_GRIDS)
 QUICK = Settings(image_size=32, epochs=6, seeds=(0,), grids=QUICK_GRIDS,
                  quick=True)
+
+
+def leaf_paths(tree: PyTree) -> list[str]:
+  """The '/'-joined paths of ``tree``'s leaves, in ``jax.tree.leaves`` order.
+
+  The names :func:`multirate_optax.fast_by_path` matches against.
+  """
+  return [mo.path_str(path)
+          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def top_module(path: str) -> str:
@@ -670,7 +678,7 @@ def load_splits(settings: Settings, data: Optional[Path] = None) -> Splits:
     data: ``None`` for scikit-learn's digits at ``settings.image_size``, or an
       ``.npz`` file with arrays ``images`` (n, height, width, 3), float,
       normalised as the pretrained network expects (ImageNet mean and
-      standard deviation, see :data:`multirate_optax.data.IMAGENET_MEAN`),
+      standard deviation, see :data:`experiments.data.IMAGENET_MEAN`),
       and ``labels`` (n,), integer classes from 0.
   """
   if data is None:

