@@ -1,4 +1,4 @@
-"""The paper's experiments, kept out of the installed ``multirate_optax`` package.
+"""The paper's experiments, kept out of the installed ``multirate_optax``.
 
 The library is ``multirate_optax``; what lives here only serves experiments on
 it, the way Flax keeps its examples outside ``flax/``:
@@ -10,6 +10,6 @@ it, the way Flax keeps its examples outside ``flax/``:
   for XLA:CPU.
 * :mod:`experiments.data`: the digits, stratified splits and minibatches.
 
-It is not installed by pip: run it from the repository root, after
-``python -m pip install -e ".[finetune]"``, as ``python -m experiments.finetune``.
+It is not installed by pip: after ``python -m pip install -e ".[finetune]"``,
+run it from the repository root as ``python -m experiments.finetune``.
 """

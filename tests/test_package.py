@@ -43,7 +43,7 @@ def test_readme_main_job_runs_the_finetune_experiment_as_a_module():
   out = subprocess.run([sys.executable, "-m", "experiments.finetune", "--help"],
                        cwd=ROOT, capture_output=True, text=True, check=True)
   assert "--full" in out.stdout
-  assert callable(importlib.import_module("experiments.finetune").main)
+  assert callable(importlib.import_module("experiments.finetune.__main__").main)
 
 
 def test_the_installed_package_is_the_library_only():
