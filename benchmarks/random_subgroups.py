@@ -18,9 +18,9 @@ random subgroups, with every weight in place: multirate_optax.full_weights),
 plotted as mean curves (PNG), and the final and best validation loss and the
 test accuracy are printed as a table and written as JSON.
 
-Run::
+Run from the repository root::
 
-  python benchmarks/random_subgroups.py --quick --json results/random_subgroups.json \\
+  python -m benchmarks.random_subgroups --quick --json results/random_subgroups.json \\
       --plot results/random_subgroups.png
 """
 
@@ -38,8 +38,8 @@ import matplotlib
 import numpy as np
 import optax
 
+from experiments.data import load_digits_splits, shuffled_batches
 import multirate_optax as mo
-from multirate_optax.data import load_digits_splits, shuffled_batches
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position

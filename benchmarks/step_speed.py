@@ -11,9 +11,9 @@ cycles of k steps, so its time per step is the average over a cycle.
   ideal      = t_full / ((t_full + (k - 1) t_fast) / k)
   efficiency = speedup / ideal
 
-Run::
+Run from the repository root::
 
-  python benchmarks/step_speed.py --quick --json results/step_speed.json
+  python -m benchmarks.step_speed --quick --json results/step_speed.json
 
 Timings are medians over repeats after warm-up, with the variants' blocks of
 steps interleaved so that changes of machine load fall on all of them alike;

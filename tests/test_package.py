@@ -1,5 +1,6 @@
 """Package-level promises: no global configuration on import, README example runs."""
 
+import importlib
 import re
 import subprocess
 import sys
@@ -50,14 +51,20 @@ def test_readme_usage_example_runs():
   assert namespace["opt_state"].count == 10
 
 
-def test_readme_main_job_is_the_installed_finetune_entry_point():
-  from importlib.metadata import entry_points
-
-  from multirate_optax.experiments import finetune
-
+def test_readme_main_job_runs_the_finetune_experiment_as_a_module():
+  """The experiment is not installed: it runs from the repository root."""
   readme = (ROOT / "README.md").read_text()
   command = re.search(r"Main job:.*?```bash\n(.*?)\n```", readme, re.S).group(1)
   assert command == ('python -m pip install -e ".[finetune]" && '
-                     "multirate-finetune")
-  (script,) = entry_points(group="console_scripts", name="multirate-finetune")
-  assert script.load() is finetune.main
+                     "python -m experiments.finetune")
+  out = subprocess.run([sys.executable, "-m", "experiments.finetune", "--help"],
+                       cwd=ROOT, capture_output=True, text=True, check=True)
+  assert "--full" in out.stdout
+  assert callable(importlib.import_module("experiments.finetune.__main__").main)
+
+
+def test_the_installed_package_is_the_library_only():
+  """Models, data and experiments live outside the package pip installs."""
+  packages = {path.parent.relative_to(ROOT).as_posix()
+              for path in (ROOT / "multirate_optax").rglob("__init__.py")}
+  assert packages == {"multirate_optax"}

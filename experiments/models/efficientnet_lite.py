@@ -98,7 +98,7 @@ def stage_block_names(stage: int) -> tuple[str, ...]:
     The names, in network order.
 
   Example:
-    >>> from multirate_optax.models import stage_block_names
+    >>> from experiments.models import stage_block_names
     >>> stage_block_names(-1)
     ('blocks_15',)
     >>> stage_block_names(5)
@@ -195,7 +195,7 @@ class EfficientNetLite0(nn.Module):
 
   Example:
     >>> import jax, jax.numpy as jnp
-    >>> from multirate_optax.models import EfficientNetLite0
+    >>> from experiments.models import EfficientNetLite0
     >>> model = EfficientNetLite0(num_classes=10)
     >>> images = jnp.zeros((8, 32, 32, 3))
     >>> # Shapes only here: model.init(key, images) takes seconds to compile on
@@ -285,7 +285,7 @@ def replace_classifier(
 
   Example:
     >>> import jax, jax.numpy as jnp
-    >>> from multirate_optax.models import EfficientNetLite0, replace_classifier
+    >>> from experiments.models import EfficientNetLite0, replace_classifier
     >>> model = EfficientNetLite0()
     >>> variables = jax.eval_shape(  # stands for pretrained variables
     ...     model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))

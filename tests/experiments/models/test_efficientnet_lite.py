@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from multirate_optax.data import IMAGENET_MEAN, IMAGENET_STD
-from multirate_optax.models import (
+from experiments.data import IMAGENET_MEAN, IMAGENET_STD
+from experiments.models import (
     BLOCKS, EfficientNetLite0, load_pretrained_efficientnet_lite0,
     replace_classifier, stage_block_names)
 

@@ -36,7 +36,7 @@ def shuffled_batches(
 
   Example:
     >>> import numpy as np
-    >>> from multirate_optax.data import shuffled_batches
+    >>> from experiments.data import shuffled_batches
     >>> images, labels = np.zeros((10, 4, 4, 3)), np.arange(10)
     >>> [b.shape for _, b in shuffled_batches(images, labels, 4, seed=0)]
     [(4,), (4,)]

@@ -4,9 +4,9 @@
 scikit-learn into RGB images of a chosen size, normalised like ImageNet inputs
 so that an ImageNet-pretrained network can be fine-tuned on them, split into
 train/validation/test sets with the same class proportions
-(:func:`~multirate_optax.data.stratified_splits`, which takes any
+(:func:`~experiments.data.stratified_splits`, which takes any
 ``(images, labels)`` arrays). No download.
-:func:`multirate_optax.data.shuffled_batches` serves them as minibatches.
+:func:`experiments.data.shuffled_batches` serves them as minibatches.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import sklearn.datasets
 
-from multirate_optax.data.splits import Splits, stratified_splits
+from experiments.data.splits import Splits, stratified_splits
 
 # Per-channel statistics of ImageNet's training images (RGB, values in [0, 1]),
 # the normalisation torchvision's pretrained models expect.
@@ -38,7 +38,7 @@ def digits_to_images(digits: np.ndarray, image_size: int) -> np.ndarray:
 
   Example:
     >>> import numpy as np
-    >>> from multirate_optax.data import (
+    >>> from experiments.data import (
     ...     IMAGENET_MEAN, IMAGENET_STD, digits_to_images)
     >>> images = digits_to_images(np.full((2, 8, 8), 16.0), 32)
     >>> images.shape
@@ -68,10 +68,10 @@ def load_digits_splits(
   Args:
     image_size: side of the square images, e.g. 32 or 64 (at least 8).
     validation_fraction, test_fraction, seed: of the split of the 1,797
-      examples, as for :func:`~multirate_optax.data.stratified_splits`.
+      examples, as for :func:`~experiments.data.stratified_splits`.
 
   Example:
-    >>> from multirate_optax.data import load_digits_splits
+    >>> from experiments.data import load_digits_splits
     >>> splits = load_digits_splits(image_size=32, seed=0)
     >>> splits.train.images.shape, splits.test.labels.shape
     ((1257, 32, 32, 3), (270,))

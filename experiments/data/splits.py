@@ -66,7 +66,7 @@ def stratified_splits(
 
   Example:
     >>> import numpy as np
-    >>> from multirate_optax.data import stratified_splits
+    >>> from experiments.data import stratified_splits
     >>> labels = np.arange(100) % 4
     >>> splits = stratified_splits(np.zeros((100, 8, 8, 3)), labels, seed=0)
     >>> [len(split.labels) for split in splits], splits.num_classes

@@ -1,10 +1,10 @@
 """Data for the fine-tuning experiments: stratified splits, scikit-learn's digits, minibatches."""
 
-from multirate_optax.data.batches import shuffled_batches
-from multirate_optax.data.digits import (
+from experiments.data.batches import shuffled_batches
+from experiments.data.digits import (
     IMAGENET_MEAN, IMAGENET_STD, NUM_DIGIT_CLASSES, digits_to_images,
     load_digits_splits)
-from multirate_optax.data.splits import Dataset, Splits, stratified_splits
+from experiments.data.splits import Dataset, Splits, stratified_splits
 
 __all__ = (
     "Dataset",

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from multirate_optax.models import (
+from experiments.models import (
     convert_efficientnet_lite_state_dict, load_pretrained_efficientnet_lite0,
     load_torch_state_dict, pretrained_weights_path)
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from multirate_optax.data import Splits, stratified_splits
+from experiments.data import Splits, stratified_splits
 
 
 def toy(n=200, classes=4, seed=0):

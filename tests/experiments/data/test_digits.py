@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import sklearn.datasets
 
-from multirate_optax.data import (
+from experiments.data import (
     IMAGENET_MEAN, IMAGENET_STD, Dataset, digits_to_images, load_digits_splits)
 
 

@@ -11,7 +11,7 @@ Three steps, each usable alone:
   the globals a state dict needs, so a file cannot run code.
 * :func:`convert_efficientnet_lite_state_dict` maps the lukemelas-style names
   (``_conv_stem.weight``, ``_blocks.3._bn1.running_var``, ``_fc.bias``, ...) to
-  the Flax variables of :class:`~multirate_optax.models.EfficientNetLite0`.
+  the Flax variables of :class:`~experiments.models.EfficientNetLite0`.
 * :func:`load_pretrained_efficientnet_lite0` does both for the packaged file.
 """
 
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from multirate_optax.models.efficientnet_lite import (
+from experiments.models.efficientnet_lite import (
     IMAGENET_CLASSES, EfficientNetLite0, replace_classifier)
 
 _MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
@@ -199,7 +199,7 @@ def load_torch_state_dict(
     The tensors as numpy arrays, by name, in the file's order.
 
   Example:
-    >>> from multirate_optax.models import (
+    >>> from experiments.models import (
     ...     load_torch_state_dict, pretrained_weights_path)
     >>> state_dict = load_torch_state_dict(pretrained_weights_path())
     >>> state_dict['_conv_stem.weight'].shape
@@ -322,7 +322,7 @@ def convert_efficientnet_lite_state_dict(
       the message names the tensor and the Flax leaf.
 
   Example:
-    >>> from multirate_optax.models import (
+    >>> from experiments.models import (
     ...     convert_efficientnet_lite_state_dict, load_torch_state_dict,
     ...     pretrained_weights_path)
     >>> state_dict = load_torch_state_dict(pretrained_weights_path())
@@ -385,7 +385,7 @@ def pretrained_weights_path() -> str:
       command.
 
   Example:
-    >>> from multirate_optax.models import pretrained_weights_path
+    >>> from experiments.models import pretrained_weights_path
     >>> pretrained_weights_path().endswith('.pth')
     True
   """
@@ -407,7 +407,7 @@ def load_pretrained_efficientnet_lite0(
   Args:
     num_classes: None keeps the pretrained 1000-class ImageNet classifier;
       an int replaces it with a freshly initialised one of that many outputs
-      (see :func:`~multirate_optax.models.replace_classifier`).
+      (see :func:`~experiments.models.replace_classifier`).
     rng: key for the fresh classifier; required with ``num_classes``.
 
   Returns:
@@ -419,7 +419,7 @@ def load_pretrained_efficientnet_lite0(
 
   Example:
     >>> import jax, jax.numpy as jnp
-    >>> from multirate_optax.models import load_pretrained_efficientnet_lite0
+    >>> from experiments.models import load_pretrained_efficientnet_lite0
     >>> model, variables = load_pretrained_efficientnet_lite0(
     ...     num_classes=10, rng=jax.random.key(0))
     >>> list(variables['params'])[-3:]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from multirate_optax.data import shuffled_batches
+from experiments.data import shuffled_batches
 
 
 def identifiable(n):

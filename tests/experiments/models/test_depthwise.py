@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from multirate_optax.experiments._depthwise import (
+from experiments.models.depthwise import (
     depthwise_as_shifts, depthwise_conv_by_shifts)
 
 
