@@ -141,12 +141,12 @@ def at_step(opt_state, step: int):
   return dataclasses.replace(opt_state, count=jnp.asarray(step, jnp.int32))
 
 
-def phase_starts(schedule: mo.FreezeOutSchedule) -> list[tuple[int, int]]:
+def phase_starts(timetable: mo.FreezeOutTimetable) -> list[tuple[int, int]]:
   """``(phase, first step)`` of every phase met in training."""
   starts = []
-  for t in range(schedule.total_steps):
-    if not starts or schedule.phase(t) != starts[-1][0]:
-      starts.append((schedule.phase(t), t))
+  for t in range(timetable.total_steps):
+    if not starts or timetable.phase(t) != starts[-1][0]:
+      starts.append((timetable.phase(t), t))
   return starts
 
 
@@ -157,9 +157,9 @@ class Run:
   """
 
   def __init__(self, step, params, opt_state, batch_stats, splits, args,
-               schedule=None, layers=None):
+               timetable=None, layers=None):
     self.step, self.splits, self.args = step, splits, args
-    self.schedule, self.layers = schedule, layers
+    self.timetable, self.layers = timetable, layers
     self.params, self.opt_state = copy(params), copy(opt_state)
     self.batch_stats = batch_stats
     self.steps, self.seconds, self.loss = 0, 0.0, None
@@ -172,8 +172,8 @@ class Run:
         self.args.batch_size, seed=self.args.seed, epoch=epoch):
       self.params, self.opt_state, (self.loss, new_stats) = self.step(
           self.params, self.opt_state, self.batch_stats, images, labels)
-      self.batch_stats = new_stats if self.schedule is None else mo.keep_frozen(
-          new_stats, self.batch_stats, self.schedule, layers=self.layers,
+      self.batch_stats = new_stats if self.timetable is None else mo.keep_frozen(
+          new_stats, self.batch_stats, self.timetable, layers=self.layers,
           step=self.steps)
       self.steps += 1
     jax.block_until_ready((self.params, self.batch_stats))
@@ -270,10 +270,10 @@ def main(argv=None) -> dict:
 
   rows = []
   for spacing, t_0 in VARIANTS:
-    schedule = mo.FreezeOutSchedule(num_layers=len(layers),
+    timetable = mo.FreezeOutTimetable(num_layers=len(layers),
                                     total_steps=total_steps, t_0=t_0,
                                     spacing=spacing)
-    freeze = mo.freezeout(sgd(LEARNING_RATE), schedule, layers=layers)
+    freeze = mo.freezeout(sgd(LEARNING_RATE), timetable, layers=layers)
     opt_state = freeze.init(params)
     step = mo.train_step(loss_fn, freeze, has_aux=True, dispatch="host")
     # Compiles the program of every phase met; the train step finds them.
@@ -285,12 +285,12 @@ def main(argv=None) -> dict:
                          phase=p).compile(),
             at_step(opt_state, start), base_step, base_state, params,
             batch_stats, images, labels, args.block, args.repeats)
-        for p, start in phase_starts(schedule)]
+        for p, start in phase_starts(timetable)]
     met = [n for n in estimate.steps_per_phase if n]
     # The baseline is trained again alongside each run, epoch by epoch in
     # turn, so that both see the same load on the machine.
     base = Run(base_step, params, base_state, batch_stats, splits, args)
-    run = Run(step, params, opt_state, batch_stats, splits, args, schedule,
+    run = Run(step, params, opt_state, batch_stats, splits, args, timetable,
               layers)
     for epoch in range(args.epochs):
       base.epoch(epoch)
@@ -303,7 +303,7 @@ def main(argv=None) -> dict:
     seconds, base_seconds, loss = run.seconds, base.seconds, float(run.loss)
     acc = accuracy(model, run.params, run.batch_stats, splits.test)
     r = dict(
-        spacing=spacing, t_0=t_0, freeze_steps=schedule.freeze_steps,
+        spacing=spacing, t_0=t_0, freeze_steps=timetable.freeze_steps,
         steps_per_phase=estimate.steps_per_phase,
         phase_flops=estimate.phase_flops,
         phase_time_over_baseline=relative_times,
@@ -322,7 +322,7 @@ def main(argv=None) -> dict:
           f"{r['measured_saving']:.3f}, test accuracy {acc:.4f}", flush=True)
 
   print()
-  print(f"{'schedule':<16} {'test acc':>8} {'rel. loss':>9} {'estimate':>8} "
+  print(f"{'timetable':<16} {'test acc':>8} {'rel. loss':>9} {'estimate':>8} "
         f"{'measured':>8} {'meas/est':>8} {'per-phase':>9} {'time s':>7} "
         f"{'base s':>7}")
   print(f"{'no FreezeOut':<16} {baseline['test_accuracy']:>8.4f}")

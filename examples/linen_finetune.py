@@ -142,7 +142,7 @@ def main():
   print(f"fine-tuning with period k={args.period}, {step.dispatch!r} dispatch; "
         f"test accuracy before: {accuracy(model, state, x_test, y_test):.3f}")
 
-  schedule = mo.find_schedule_state(state.opt_state)[0].schedule
+  timetable = mo.find_timetable_state(state.opt_state).timetable
   key = jax.random.key(args.seed + 3)
   seconds = {"slow": [], "fast": []}
   batches = epochs_of_batches(x_train, y_train, args.batch_size, args.epochs,
@@ -150,7 +150,7 @@ def main():
   progress = tqdm.tqdm(batches, desc="fine-tune",
                        total=args.epochs * (len(x_train) // args.batch_size))
   for t, batch in enumerate(progress):
-    kind = "slow" if schedule.is_slow_step(state.step) else "fast"
+    kind = "slow" if timetable.is_slow_step(state.step) else "fast"
     tic = time.perf_counter()
     state, loss = step(state, batch, jax.random.fold_in(key, t))
     loss = float(loss)  # waits for the step to finish

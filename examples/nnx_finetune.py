@@ -128,14 +128,14 @@ def main():
   print(f"fine-tuning with period k={args.period}, {step.dispatch!r} dispatch; "
         f"test accuracy before: {accuracy(model, x_test, y_test):.3f}")
 
-  schedule = mo.find_schedule_state(optimizer.opt_state)[0].schedule
+  timetable = mo.find_timetable_state(optimizer.opt_state).timetable
   seconds = {"slow": [], "fast": []}
   batches = epochs_of_batches(x_train, y_train, args.batch_size, args.epochs,
                               args.seed)
   progress = tqdm.tqdm(batches, desc="fine-tune",
                        total=args.epochs * (len(x_train) // args.batch_size))
   for t, batch in enumerate(progress):
-    kind = "slow" if schedule.is_slow_step(t) else "fast"
+    kind = "slow" if timetable.is_slow_step(t) else "fast"
     tic = time.perf_counter()
     loss = float(step(model, optimizer, *batch))  # waits for the step
     seconds[kind].append(time.perf_counter() - tic)

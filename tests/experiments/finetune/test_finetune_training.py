@@ -28,7 +28,7 @@ def test_multirate_optimizer_labels_and_period(efficientnet_params, name,
   roles = leaf_roles(method, efficientnet_params)
   assert state.labels == tuple(roles[p] for p in
                                leaf_paths(efficientnet_params))
-  assert state.schedule.period == period
+  assert state.timetable.period == period
 
 
 def cross_entropy(logits, labels):
