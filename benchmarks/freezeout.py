@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import time
@@ -48,8 +47,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments.data import load_digits_splits, shuffled_batches
 import multirate_optax as mo
+from benchmarks._report import write_json
+from experiments.data import load_digits_splits, shuffled_batches
 
 LEARNING_RATE, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
 BN_MOMENTUM = 0.9  # PyTorch's default (Flax's 0.99 is too slow for short runs)
@@ -340,10 +340,7 @@ def main(argv=None) -> dict:
                 config=vars(args) | dict(total_steps=total_steps,
                                          json=str(args.json)),
                 baseline=baseline, rows=rows)
-  if args.json:
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.json}")
+  write_json(result, args.json)
   return result
 
 

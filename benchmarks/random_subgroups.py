@@ -27,7 +27,6 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -38,8 +37,9 @@ import matplotlib
 import numpy as np
 import optax
 
-from experiments.data import load_digits_splits, shuffled_batches
 import multirate_optax as mo
+from benchmarks._report import write_json
+from experiments.data import load_digits_splits, shuffled_batches
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -232,10 +232,7 @@ def main(argv=None) -> dict:
                 config=vars(args) | dict(json=str(args.json),
                                          plot=str(args.plot)),
                 methods=results)
-  if args.json:
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.json}")
+  write_json(result, args.json)
   return result
 
 

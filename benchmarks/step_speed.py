@@ -23,7 +23,6 @@ on a shared 2-core CPU only the ratios mean much.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -38,6 +37,7 @@ import numpy as np
 import optax
 
 import multirate_optax as mo
+from benchmarks._report import write_json
 
 PERIODS = (2, 5, 10)
 LEARNING_RATE, MOMENTUM = 0.01, 0.9
@@ -273,12 +273,9 @@ def main(argv=None) -> list[dict]:
                         tuple(cond_periods), cond_repeats)
   for r in rows:
     r["auto"] = r["dispatch"] == auto
-  if args.json:
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(
-        dict(backend=jax.default_backend(), auto_dispatch=auto,
-             jax_version=jax.__version__, quick=args.quick, rows=rows), indent=1))
-    print(f"wrote {args.json}")
+  write_json(dict(backend=jax.default_backend(), auto_dispatch=auto,
+                  jax_version=jax.__version__, quick=args.quick, rows=rows),
+             args.json)
   return rows
 
 

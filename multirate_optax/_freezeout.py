@@ -14,7 +14,7 @@ import bisect
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp

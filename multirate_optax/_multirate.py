@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Optional
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
