@@ -14,11 +14,16 @@ from multirate_optax._dispatch import resolve_dispatch
 from multirate_optax._freezeout import (
     FreezeOutTimetable, freezeout, keep_frozen, layers_by_module)
 from multirate_optax._groups import fast_by_depth, fast_by_path, path_str
+from multirate_optax._growth import (
+    Growth, Layer, describe_widths, element_stages, grow, grow_optimizer_state)
+from multirate_optax._growth_plan import GrowthPlan, growth_plan
 from multirate_optax._multirate import (
     MultirateTimetable, in_slow_steps, multirate)
 from multirate_optax._random_subgroups import (
     RandomSubgroupsState, RandomSubgroupsTimetable, full_weights,
     random_subgroups, random_subgroups_state)
+from multirate_optax._stage_rates import (
+    scale_by_stage_norms, stage_norm_factors)
 from multirate_optax._timetable import (
     Timetable, TimetableState, find_timetable_state)
 from multirate_optax._timetabled import GateState
@@ -30,6 +35,8 @@ _LAZY_SUBMODULES = ("checkpoint", "linen", "nnx")
 
 __all__ = (
     "CostEstimate",
+    "describe_widths",
+    "element_stages",
     "estimate_saving",
     "fast_by_depth",
     "fast_by_path",
@@ -38,8 +45,14 @@ __all__ = (
     "FreezeOutTimetable",
     "full_weights",
     "GateState",
+    "grow",
+    "grow_optimizer_state",
+    "Growth",
+    "growth_plan",
+    "GrowthPlan",
     "in_slow_steps",
     "keep_frozen",
+    "Layer",
     "layers_by_module",
     "multirate",
     "MultirateTimetable",
@@ -49,6 +62,8 @@ __all__ = (
     "RandomSubgroupsState",
     "RandomSubgroupsTimetable",
     "resolve_dispatch",
+    "scale_by_stage_norms",
+    "stage_norm_factors",
     "Timetable",
     "TimetableState",
     "train_step",
