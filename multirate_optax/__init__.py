@@ -15,7 +15,8 @@ from multirate_optax._freezeout import (
     FreezeOutTimetable, freezeout, keep_frozen, layers_by_module)
 from multirate_optax._groups import fast_by_depth, fast_by_path, path_str
 from multirate_optax._growth import (
-    Growth, Layer, describe_widths, element_stages, grow, grow_optimizer_state)
+    Growth, Layer, describe_widths, element_stages, grow)
+from multirate_optax._growth_state import grow_optimizer_state
 from multirate_optax._growth_plan import GrowthPlan, growth_plan
 from multirate_optax._multirate import (
     MultirateTimetable, in_slow_steps, multirate)

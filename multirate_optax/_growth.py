@@ -8,7 +8,8 @@ layers. :func:`grow` adds units to widths (Yuan, Savarese & Maire, NeurIPS
 
 * **Neuron pairing.** New units come in pairs. Both members of a pair get the
   same fan-in weights ``V`` (every layer that writes the width draws its own
-  ``V``), so they always carry the same activation; the layers that read the
+  ``V``; a residual stream, written by several layers, thus sums equal terms
+  for both members), so they always carry the same activation; the layers that read the
   width get ``Z`` from the first member and ``-Z`` from the second, so the pair
   cancels and the network computes exactly the same function after growth. An
   odd unit left over reads out through zeros. New biases, BatchNorm offsets and
@@ -138,7 +139,7 @@ def grow(
     ``(params, batch_stats, growth, factors)``: the grown trees, the new
     :class:`Growth` (new units belong to stage ``growth.stage + 1``), and
     ``factors``, a tree like ``params`` of the factor each leaf's old entries
-    were multiplied by (for :func:`grow_optimizer_state`).
+    were multiplied by (for :func:`~multirate_optax.grow_optimizer_state`).
   """
   sizes = _width_sizes(layers, params)
   if growth.widths != sizes:
@@ -200,80 +201,6 @@ def element_stages(params: PyTree, layers: Sequence[Layer],
       if path != layer.kernel and path in stages:
         stages[path] = write.copy()
   return _nested(stages, params)
-
-
-def grow_optimizer_state(
-    optimizer: Any,
-    opt_state: PyTree,
-    params: PyTree,
-    factors: Optional[PyTree] = None,
-) -> PyTree:
-  """The optimizer state for grown parameters, carrying the old one over.
-
-  ``optimizer.init(params)`` gives the new state's structure; every leaf whose
-  shape did not change is taken from ``opt_state`` as it is (step counts,
-  states of parameters that did not grow); every leaf that grew holds the old
-  leaf in its leading corner (old units keep their indices) and zeros for the
-  new units. Works for any optax optimizer whose state holds
-  parameter-shaped leaves, multirate's included.
-
-  Where :func:`grow` rescaled a weight by ``c`` (variance transfer), the
-  state follows the change of coordinates ``w -> c w``, under which gradients
-  become ``g / c``: first moments (momentum traces, Adam's ``mu``) are
-  multiplied by ``1 / c`` and second moments (fields named ``nu``) by
-  ``1 / c**2``.
-
-  Args:
-    optimizer: the optimizer (anything with ``init``), built for the grown
-      parameters.
-    opt_state: its state before growth.
-    params: the grown parameters.
-    factors: the factors :func:`grow` returned; ``None`` means no rescaling.
-
-  Returns:
-    The state for ``params``.
-  """
-  new_state = optimizer.init(params)
-  new_leaves, treedef = jax.tree_util.tree_flatten_with_path(new_state)
-  old_leaves = jax.tree.leaves(opt_state)
-  if len(old_leaves) != len(new_leaves):
-    raise ValueError(
-        f"the optimizer's state for the grown parameters has "
-        f"{len(new_leaves)} leaves but the state given has {len(old_leaves)}: "
-        "pass the state of the same optimizer.")
-  factor_of = ({} if factors is None else
-               {tuple(p.split("/")): f for p, f in
-                zip(leaf_paths(factors), jax.tree.leaves(factors))})
-  leaves = []
-  for (path, new), old in zip(new_leaves, old_leaves):
-    factor = _state_factor(path, factor_of)
-    if np.shape(new) == np.shape(old) and factor == 1.0:
-      leaves.append(old)
-      continue
-    if np.ndim(new) != np.ndim(old) or any(
-        n < o for n, o in zip(np.shape(new), np.shape(old))):
-      raise ValueError(
-          f"optimizer state leaf {jax.tree_util.keystr(path)} has shape "
-          f"{np.shape(old)}, which does not fit into the grown shape "
-          f"{np.shape(new)}.")
-    corner = tuple(slice(0, n) for n in np.shape(old))
-    leaves.append(jax.numpy.zeros_like(new).at[corner].set(
-        (old * factor).astype(new.dtype)))
-  return jax.tree.unflatten(jax.tree.structure(new_state), leaves)
-
-
-def _state_factor(path, factor_of: Mapping[tuple[str, ...], float]) -> float:
-  """The factor on a state leaf: its parameter's, as a first or second moment."""
-  names = tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                for k in path)
-  for length in range(len(names), 0, -1):
-    factor = factor_of.get(names[-length:])
-    if factor is not None:
-      break
-  else:
-    return 1.0
-  power = 2 if "nu" in names[:len(names) - length] else 1
-  return float(factor) ** -power
 
 
 def _flat(tree: PyTree) -> dict[str, Any]:

@@ -10,7 +10,6 @@ stage takes the steps that remain.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 
 from multirate_optax._checks import real_number, whole_number
