@@ -165,12 +165,6 @@ def optimizer(method: Method, total_steps: int,
   return optax.chain(tx, mo.scale_by_stage_norms(stages, method.scope))
 
 
-def fresh_state(tx: optax.GradientTransformation, params, step: int):
-  """A new state (zero momentum) whose schedule is at global step ``step``."""
-  return optax.tree_utils.tree_set(tx.init(params),
-                                   count=jnp.asarray(step, jnp.int32))
-
-
 def schedule_counts(opt_state) -> set[int]:
   """The optimizer counts in a state (one value when they agree)."""
   return {int(count) for _, count in
@@ -381,19 +375,18 @@ class Trainer:
           variance_transfer=method.variance_transfer)
       new_tx = optimizer(method, self.total, mo.element_stages(
           new_params, self.layers, new_growth))
-      if method.carry_state:
-        new_state = mo.grow_optimizer_state(new_tx, opt_state, new_params,
-                                            factors)
-      else:
-        new_state = fresh_state(new_tx, new_params, end)
+      # Reset: zero momentum, but the count (the schedule's step) goes on.
+      new_state = mo.grow_optimizer_state(new_tx, opt_state, new_params,
+                                          factors,
+                                          reset=not method.carry_state)
       return new_params, new_stats, new_growth, new_tx, new_state
 
     before = self.evaluator.logits(self.widths, params, batch_stats)
     warm_key = (method.program, method.variance_transfer, method.carry_state,
                 self.stage)
     if warm_key not in self.warmed:
-      # The first growth of each shape compiles the eager ops it runs (some
-      # seconds): that is compilation, done once outside the clock.
+      # The first growth of each shape may compile small device programs
+      # (the transfer of the new arrays): done once outside the clock.
       jax.block_until_ready(grow()[0])
       self.warmed.add(warm_key)
     with self.growth_clock, self.clock:

@@ -156,8 +156,11 @@ def grow(
     if size < sizes[name]:
       raise ValueError(
           f"width {name!r} cannot shrink from {sizes[name]} to {size}.")
-  flat_params = _flat(params)
-  flat_stats = _flat(batch_stats)
+  # Host-side numpy: a growth is a few dozen small array edits, which as
+  # eager JAX ops would each compile for every new shape.
+  flat_params = {p: np.asarray(v) for p, v in _flat(params).items()}
+  flat_stats = {p: np.asarray(v) for p, v in _flat(batch_stats).items()}
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
   factors = {path: 1.0 for path in flat_params}
   stage = growth.stage + 1
   unit_stages = dict(growth.unit_stages)
@@ -168,12 +171,13 @@ def grow(
       _transfer_variance(flat_params, flat_stats, factors, layers, name,
                          math.sqrt(sizes[name] / final[name]), epsilon)
   for name in growing:
-    key, width_key = jax.random.split(key)
     _add_units(flat_params, flat_stats, layers, name, sizes[name], final,
-               width_key, noise)
+               rng, noise)
     unit_stages[name] = np.concatenate(
         [unit_stages[name], np.full(final[name] - sizes[name], stage, np.int32)])
-  return (_nested(flat_params, params), _nested(flat_stats, batch_stats),
+  to_device = lambda flat: {p: jax.numpy.asarray(v) for p, v in flat.items()}
+  return (_nested(to_device(flat_params), params),
+          _nested(to_device(flat_stats), batch_stats),
           Growth(unit_stages), _nested(factors, params))
 
 
@@ -277,16 +281,19 @@ def _transfer_variance(flat, stats, factors, layers, width, c, epsilon):
     _, stat_paths = _norm_paths(layer, stats)
     for path in (layer.kernel, layer.bias):
       if path is not None:
-        flat[path] = flat[path] * c
+        flat[path] = (flat[path] * c).astype(flat[path].dtype)
         factors[path] *= c
     mean, var = f"{layer.norm}/mean", f"{layer.norm}/var"
     if mean in stat_paths:
-      stats[mean] = stats[mean] * c
+      stats[mean] = (stats[mean] * c).astype(stats[mean].dtype)
     if var in stat_paths:
-      stats[var] = c * c * (stats[var] + epsilon) - epsilon
+      # var + eps is what BatchNorm divides by, and c**2 (var + eps) >= 0; the
+      # stored variance itself may dip below 0 for a channel with var < eps.
+      stats[var] = (c * c * (stats[var] + epsilon) - epsilon).astype(
+          stats[var].dtype)
 
 
-def _add_units(flat, stats, layers, width, old, final, key, noise):
+def _add_units(flat, stats, layers, width, old, final, rng, noise):
   """Appends paired units to ``width``, up to its size in ``final``.
 
   New weights have variance ``1 / fan_in`` of the layer once every width has
@@ -296,20 +303,15 @@ def _add_units(flat, stats, layers, width, old, final, key, noise):
   added = new - old
   pairs = added // 2
   for layer in layers:
-    key, v_key, z_key, noise_key = jax.random.split(key, 4)
     if layer.writes == width:
       kernel = flat[layer.kernel]
-      fan_in = int(np.prod(np.shape(kernel)[:-2])) * final[layer.reads]
-      shape = np.shape(kernel)[:-1] + (pairs,)
-      v = jax.random.normal(v_key, shape, kernel.dtype) / math.sqrt(fan_in)
-      second = v + noise * jax.random.normal(noise_key, shape, kernel.dtype) \
-          / math.sqrt(fan_in) if noise else v
+      scale = 1 / math.sqrt(np.prod(kernel.shape[:-2]) * final[layer.reads])
+      v = rng.normal(size=kernel.shape[:-1] + (pairs,)) * scale
+      second = v + noise * scale * rng.normal(size=v.shape) if noise else v
       parts = [kernel, v, second]
       if added % 2:
-        parts.append(jax.random.normal(
-            noise_key, np.shape(kernel)[:-1] + (1,), kernel.dtype)
-            / math.sqrt(fan_in))
-      flat[layer.kernel] = jax.numpy.concatenate(parts, axis=-1)
+        parts.append(rng.normal(size=kernel.shape[:-1] + (1,)) * scale)
+      flat[layer.kernel] = np.concatenate(parts, axis=-1).astype(kernel.dtype)
       norm_params, stat_paths = _norm_paths(layer, stats)
       fills = {layer.bias: 0.0}
       fills.update({p: (1.0 if p.endswith("/scale") else 0.0)
@@ -322,17 +324,15 @@ def _add_units(flat, stats, layers, width, old, final, key, noise):
                               1.0 if path.endswith("/var") else 0.0)
     if layer.reads == width:
       kernel = flat[layer.kernel]
-      shape = list(np.shape(kernel))
-      fan_in = int(np.prod(shape[:-2])) * new
+      shape = list(kernel.shape)
       shape[-2] = pairs
-      z = jax.random.normal(z_key, shape, kernel.dtype) / math.sqrt(fan_in)
+      z = rng.normal(size=shape) / math.sqrt(np.prod(shape[:-2]) * new)
       parts = [kernel, z, -z]
       if added % 2:
         shape[-2] = 1
-        parts.append(jax.numpy.zeros(shape, kernel.dtype))
-      flat[layer.kernel] = jax.numpy.concatenate(parts, axis=-2)
+        parts.append(np.zeros(shape))
+      flat[layer.kernel] = np.concatenate(parts, axis=-2).astype(kernel.dtype)
 
 
-def _append(array, count: int, value: float):
-  return jax.numpy.concatenate(
-      [array, jax.numpy.full((count,), value, array.dtype)])
+def _append(array: np.ndarray, count: int, value: float) -> np.ndarray:
+  return np.concatenate([array, np.full((count,), value, array.dtype)])

@@ -49,13 +49,16 @@ def growth_plan(
     start_fraction: float = 0.25,
     width_rate: float = 0.2,
     length_rate: float = 0.2,
+    multiple_of: int = 1,
 ) -> GrowthPlan:
   """Plans a growth from ``start_fraction`` of the final widths to them.
 
   Widths: ``C_0 = round(start_fraction * C_final)`` (at least 1), then
   ``C_t = C_{t-1} + round(width_rate * C_{t-1})`` (at least one unit more),
   capped at ``C_final``; every width grows at every stage until all reach their
-  final size. Stage lengths: ``T_0 = first_stage_steps``, ``T_t = T_{t-1} +
+  final size. With ``multiple_of`` each size is rounded up to a multiple of it
+  (still capped at ``C_final``): XLA:CPU runs convolutions over channel counts
+  that are not multiples of 8 much slower than their flops suggest. Stage lengths: ``T_0 = first_stage_steps``, ``T_t = T_{t-1} +
   round(length_rate * T_{t-1})`` (``length_rate=0``: stages of equal length),
   and the last stage takes the steps that remain.
 
@@ -66,6 +69,7 @@ def growth_plan(
     start_fraction: ``C_0 / C_final``, in ``(0, 1]``.
     width_rate: ``p_c``, the growth of a width per stage, ``> 0``.
     length_rate: ``p_T``, the growth of a stage's length per stage, ``>= 0``.
+    multiple_of: round every size up to a multiple of this.
 
   Raises:
     ValueError: if the stages before the last do not leave it at least one
@@ -91,11 +95,16 @@ def growth_plan(
     raise ValueError(f"length_rate must be >= 0, got {length_rate!r}.")
   final = {name: whole_number(size, f"the final size of width {name!r}")
            for name, size in final_widths.items()}
-  widths = [{name: max(1, round(start_fraction * size))
+  multiple_of = whole_number(multiple_of, "multiple_of")
+
+  def rounded(name: str, size: int) -> int:
+    return min(final[name], -(-size // multiple_of) * multiple_of)
+
+  widths = [{name: rounded(name, max(1, round(start_fraction * size)))
              for name, size in final.items()}]
   while widths[-1] != final:
     widths.append({
-        name: min(final[name], size + max(1, round(width_rate * size)))
+        name: rounded(name, size + max(1, round(width_rate * size)))
         for name, size in widths[-1].items()})
   starts, length = [0], first
   for _ in widths[1:]:

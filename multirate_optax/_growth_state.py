@@ -18,6 +18,8 @@ def grow_optimizer_state(
     opt_state: PyTree,
     params: PyTree,
     factors: Optional[PyTree] = None,
+    *,
+    reset: bool = False,
 ) -> PyTree:
   """The optimizer state for grown parameters, carrying the old one over.
 
@@ -40,6 +42,10 @@ def grow_optimizer_state(
     opt_state: its state before growth.
     params: the grown parameters.
     factors: the factors :func:`grow` returned; ``None`` means no rescaling.
+    reset: start every parameter-shaped leaf afresh from ``optimizer.init``
+      (the common practice, kept as a baseline), carrying over only the
+      other leaves, such as step counts, so that learning-rate schedules go
+      on from the global step.
 
   Returns:
     The state for ``params``.
@@ -52,12 +58,17 @@ def grow_optimizer_state(
         f"the optimizer's state for the grown parameters has "
         f"{len(new_leaves)} leaves but the state given has {len(old_leaves)}: "
         "pass the state of the same optimizer.")
-  factor_of = ({} if factors is None else
-               {tuple(p.split("/")): f for p, f in
-                zip(leaf_paths(factors), jax.tree.leaves(factors))})
+  factor_of = {tuple(p.split("/")): 1.0 for p in leaf_paths(params)}
+  if factors is not None:
+    factor_of.update({tuple(p.split("/")): f for p, f in
+                      zip(leaf_paths(factors), jax.tree.leaves(factors))})
   leaves = []
   for (path, new), old in zip(new_leaves, old_leaves):
     factor = _state_factor(path, factor_of)
+    if reset and factor is not None:
+      leaves.append(new)
+      continue
+    factor = 1.0 if factor is None else factor
     if np.shape(new) == np.shape(old) and factor == 1.0:
       leaves.append(old)
       continue
@@ -67,14 +78,19 @@ def grow_optimizer_state(
           f"optimizer state leaf {jax.tree_util.keystr(path)} has shape "
           f"{np.shape(old)}, which does not fit into the grown shape "
           f"{np.shape(new)}.")
-    corner = tuple(slice(0, n) for n in np.shape(old))
-    leaves.append(jax.numpy.zeros_like(new).at[corner].set(
-        (old * factor).astype(new.dtype)))
+    grown = np.zeros(np.shape(new), new.dtype)  # on the host: see grow
+    grown[tuple(slice(0, n) for n in np.shape(old))] = np.asarray(old) * factor
+    leaves.append(jax.numpy.asarray(grown))
   return jax.tree.unflatten(jax.tree.structure(new_state), leaves)
 
 
-def _state_factor(path, factor_of: Mapping[tuple[str, ...], float]) -> float:
-  """The factor on a state leaf: its parameter's, as a first or second moment."""
+def _state_factor(path, factor_of: Mapping[tuple[str, ...], float]
+                  ) -> Optional[float]:
+  """The factor on a state leaf: its parameter's, as a first or second moment.
+
+  ``None`` for a leaf that is not parameter-shaped (no parameter's path ends
+  its path), such as a step count.
+  """
   names = tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
                 for k in path)
   for length in range(len(names), 0, -1):
@@ -82,6 +98,6 @@ def _state_factor(path, factor_of: Mapping[tuple[str, ...], float]) -> float:
     if factor is not None:
       break
   else:
-    return 1.0
+    return None
   power = 2 if "nu" in names[:len(names) - length] else 1
   return float(factor) ** -power

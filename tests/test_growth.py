@@ -253,6 +253,24 @@ def test_optimizer_state_follows_the_growth(make):
     np.testing.assert_array_equal(rest, 0.0, err_msg=text)
 
 
+def test_optimizer_state_reset_keeps_only_the_counts():
+  layers = mlp_layers(1)
+  params = GrowingMLP(hidden=(3,)).init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+  tx = optax.adam(1e-2)
+  state = tx.init(params)
+  for _ in range(2):
+    _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+  grown, _, _, factors = mo.grow(params, {}, layers,
+                                 mo.describe_widths(layers, params),
+                                 {"hidden0": 6}, key=jax.random.key(1))
+  reset = mo.grow_optimizer_state(tx, state, grown, factors, reset=True)
+  fresh = tx.init(grown)
+  assert int(reset[0].count) == 2
+  unchanged = jax.tree.map(lambda a, b: np.array_equal(a, b),
+                           (reset[0].mu, reset[0].nu), (fresh[0].mu, fresh[0].nu))
+  assert all(jax.tree.leaves(unchanged))
+
+
 def test_multirate_across_a_growth_with_one_compile_per_stage_and_phase():
   layers = mlp_layers(1)
   x = jax.random.normal(jax.random.key(0), (16, 5))
@@ -346,6 +364,9 @@ def test_growth_plan_follows_the_formulas():
   assert plan.stage_at(999) == len(a) - 1
   fixed = mo.growth_plan({"a": 40}, 500, first_stage_steps=30, length_rate=0)
   assert set(fixed.lengths[:-1]) == {30}
+  eights = mo.growth_plan({"a": 36}, 500, first_stage_steps=10,
+                          multiple_of=8, width_rate=0.5)
+  assert [w["a"] for w in eights.widths] == [16, 24, 36]
 
 
 def test_growth_plan_errors():
