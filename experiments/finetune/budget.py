@@ -6,9 +6,12 @@ The protocol (both tasks):
   seed is the budget of every method on that seed.
 * Every other method plans as many steps as fit in ``T`` at its own speed
   (:func:`planned_steps`: ``T`` over its step time measured after compilation,
-  at most ``max_epochs_factor`` train-alls' epochs), and its learning rates
-  decay over that planned run. It stops at its plan's end, or at the first
-  evaluation point at or past ``T``.
+  at most ``max_epochs_factor`` train-alls' epochs, :func:`step_cap`), and its
+  learning rates decay over that planned run. At each evaluation point before
+  the plan's end the run re-plans from its measured speed so far
+  (:func:`experiments.finetune.training.replanned_steps`), the decay
+  stretching or shrinking with the plan. It stops at its plan's end, or at
+  the first evaluation point at or past ``T``.
 * Every run is evaluated on the validation split at ``settings.evaluations``
   evenly spaced points of its plan (:func:`evaluation_interval`) and before
   its first step. The training clock stops for evaluation.
@@ -62,8 +65,19 @@ def planned_steps(budget: Optional[float], step_seconds: Optional[float],
   if step_seconds is None or not step_seconds > 0:
     raise ValueError(
         f"a budget needs a positive step time, got {step_seconds!r}.")
-  cap = max(1, int(max_epochs_factor * epoch_steps))
-  return max(1, min(cap, int(budget / step_seconds)))
+  return max(1, min(step_cap(epoch_steps, max_epochs_factor),
+                    int(budget / step_seconds)))
+
+
+def step_cap(epoch_steps: int, max_epochs_factor: float) -> int:
+  """The most steps a run may plan or re-plan: ``max_epochs_factor``
+  train-alls.
+
+  Example:
+    >>> step_cap(120, 8), step_cap(3, 0.1)
+    (960, 1)
+  """
+  return max(1, int(max_epochs_factor * epoch_steps))
 
 
 def evaluation_interval(steps: int, evaluations: int) -> int:

@@ -9,6 +9,8 @@ text model a compilation costs as much as tens of steps.
 
 * :func:`cosine_decay`: updates times ``(1 + cos(pi min(t / total, 1))) / 2``,
   ``total`` in the state (optax's schedules take it as a Python number).
+* :func:`rescale_decay`: a state's decay lengths stretched, for a run
+  re-planned on the way (:func:`experiments.finetune.training.train_and_evaluate`).
 * :func:`scale_by_rates`: updates times ``-rate`` of each leaf's group, the
   rates in the state (several rates in one optimizer: AdamW's encoder and head
   rates).
@@ -69,6 +71,26 @@ def cosine_decay(total: float) -> optax.GradientTransformation:
     return updates, CosineDecayState(state.count + 1, state.total)
 
   return optax.GradientTransformation(init, update)
+
+
+def rescale_decay(opt_state: PyTree, factor: float) -> PyTree:
+  """``opt_state`` with the length of every :func:`cosine_decay` times ``factor``.
+
+  A run re-planned to ``factor`` times as many steps: the fast and the slow
+  optimizers' decays (``steps`` and ``steps / k``) stretch alike. Counts and
+  every other entry are kept, and the new lengths are arrays of the same
+  dtype, so the compiled step does not compile again.
+
+  Example:
+    >>> state = rescale_decay(cosine_decay(10).init(None), 1.5)
+    >>> float(state.total)
+    15.0
+  """
+  is_decay = lambda node: isinstance(node, CosineDecayState)
+  return jax.tree.map(
+      lambda node: node._replace(total=(node.total * factor).astype(
+          node.total.dtype)) if is_decay(node) else node,
+      opt_state, is_leaf=is_decay)
 
 
 class RatesState(NamedTuple):

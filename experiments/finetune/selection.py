@@ -21,7 +21,7 @@ import tqdm
 
 from experiments.data import Splits
 from experiments.finetune.budget import (
-    chosen_index, evaluation_interval, planned_steps)
+    chosen_index, evaluation_interval, planned_steps, step_cap)
 from experiments.finetune.settings import (
     Method, Rates, Settings, share_updated_every_step)
 from experiments.finetune.tasks import Task
@@ -132,7 +132,7 @@ def run_method(task: Task, method: Method, pretrained: Any, splits: Splits,
     steps = planned_steps(budget, step_seconds, epoch_steps,
                           settings.max_epochs_factor)
     return Plan(steps, evaluation_interval(steps, settings.evaluations),
-                budget)
+                budget, step_cap(epoch_steps, settings.max_epochs_factor))
 
   def validate(trained: PyTree) -> float:
     return accuracy(predict, trained, splits.validation, eval_batch_size)

@@ -12,10 +12,12 @@ differentiate only the fast modules.
 
 Timing: every train-step program (each multirate phase) is compiled and run
 first on a throwaway copy of the state (:func:`warm_up`), which also measures
-the step time a budgeted run plans with; that time is reported separately.
-Training time is the wall-clock of the training loop (host batching
-included), blocked on the state at each evaluation point; the clock stops
-while the model is evaluated (:func:`train_and_evaluate`).
+the step time a budgeted run first plans with; that time is reported
+separately. Training time is the wall-clock of the training loop (host
+batching included), blocked on the state at each evaluation point; the clock
+stops while the model is evaluated (:func:`train_and_evaluate`). A budgeted
+run re-plans its steps at each evaluation point from the speed measured so
+far: a probe of a few steps on a shared CPU can be off by half.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 import optax
 
 from experiments.data import shuffled_batches
+from experiments.finetune.optimizers import rescale_decay
 from experiments.finetune.settings import Method, trained_modules
 import multirate_optax as mo
 
@@ -105,7 +108,8 @@ def dropout_key(seed: int) -> jax.Array:
 
 def batches(data: Examples, batch_size: int, seed: int,
             steps: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """``steps`` minibatches: shuffled epochs one after another, the last cut short."""
+  """``steps`` minibatches: shuffled epochs one after another, the last cut
+  short (the same first batches whatever ``steps``)."""
   inputs, labels = data
   epoch, produced = 0, 0
   while produced < steps:
@@ -173,12 +177,30 @@ class Plan:
     steps: the planned steps; the learning rates decay over them.
     evaluate_every: steps between evaluation points (the last step is
       evaluated too).
-    budget: stop at the first evaluation point at or past this many seconds
-      of training (``None``: run the whole plan).
+    budget: training seconds allowed (``None``: run the whole plan). The run
+      stops at the first evaluation point at or past it, and at each point
+      before its plan's end re-plans its steps from the speed it has measured
+      so far (:func:`replanned_steps`).
+    max_steps: a re-plan never exceeds this many steps (``None``: ``steps``).
   """
   steps: int
   evaluate_every: int
   budget: Optional[float] = None
+  max_steps: Optional[int] = None
+
+
+def replanned_steps(done: int, elapsed: float, budget: float,
+                    max_steps: int) -> int:
+  """Steps that fit in ``budget`` at the mean step time so far.
+
+  At least one more than ``done``, at most ``max_steps``.
+
+  Example:
+    >>> replanned_steps(10, 5.0, 20.0, 1000), replanned_steps(10, 5.0, 20.0, 30)
+    (40, 30)
+  """
+  more = int((budget - elapsed) * done / elapsed) if elapsed > 0 else 0
+  return max(done + 1, min(max_steps, done + more))
 
 
 class Run(NamedTuple):
@@ -187,7 +209,8 @@ class Run(NamedTuple):
   Attributes:
     points: one dict per evaluation point, in order: ``step``, ``epoch``
       (steps over steps per epoch), ``train_seconds`` (training clock at the
-      point), ``validation_accuracy``.
+      point), ``validation_accuracy``, ``planned_steps`` (the plan after the
+      point's re-plan).
     checkpoints: host copies of the variables at the points that improved
       the validation accuracy (:func:`experiments.finetune.budget.improvements`),
       by point index: the only ones a budget can report, to be tested after
@@ -227,6 +250,8 @@ def train_and_evaluate(
   opt_state = init_optimizer_state(method, optimizer, params)
   steps_per_epoch = len(data[1]) // batch_size
   key = dropout_key(seed)
+  max_steps = plan.steps if plan.max_steps is None else plan.max_steps
+  planned = plan.steps
   points: list[dict[str, Any]] = []
   checkpoints: dict[int, PyTree] = {}
   best = -np.inf
@@ -236,29 +261,37 @@ def train_and_evaluate(
     current = {"params": params, **state}
     accuracy = validate(current)
     points.append({"step": done, "epoch": done / steps_per_epoch,
-                   "train_seconds": seconds, "validation_accuracy": accuracy})
+                   "train_seconds": seconds, "validation_accuracy": accuracy,
+                   "planned_steps": planned})
     if accuracy > best:
       best = accuracy
       checkpoints[len(points) - 1] = jax.device_get(current)
 
   if validate is not None:
     evaluate(0, 0.0)
-  elapsed, start = 0.0, clock()
-  for number, (inputs, labels) in enumerate(
-      batches(data, batch_size, seed, plan.steps)):
+  elapsed, done, start = 0.0, 0, clock()
+  for inputs, labels in batches(data, batch_size, seed, max_steps):
     params, opt_state, (_, state) = step(
-        params, opt_state, state, inputs, labels, key, np.int32(number))
-    done = number + 1
+        params, opt_state, state, inputs, labels, key, np.int32(done))
+    done += 1
     if validate is not None and (done % plan.evaluate_every == 0
-                                 or done == plan.steps):
+                                 or done == planned):
       jax.block_until_ready((params, state))
       elapsed += clock() - start
+      if plan.budget is not None and done < planned and elapsed < plan.budget:
+        # Re-planned before the point is recorded, so that it says the plan
+        # the run continues with; the decay stretches with the plan.
+        replanned = replanned_steps(done, elapsed, plan.budget, max_steps)
+        opt_state = rescale_decay(opt_state, replanned / planned)
+        planned = replanned
       evaluate(done, elapsed)
       if plan.budget is not None and elapsed >= plan.budget:
         break
       start = clock()
-  else:
-    jax.block_until_ready((params, state))
+    if done >= planned:
+      break
+  jax.block_until_ready((params, state))
+  if not points or points[-1]["step"] != done:
     elapsed += clock() - start
   return Run(points, checkpoints, {"params": params, **state}, elapsed)
 

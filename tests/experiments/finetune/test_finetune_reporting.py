@@ -76,6 +76,9 @@ def test_multirate_variant_is_chosen_on_validation_not_test():
   # multirate_b has the better test accuracy, multirate_a the better
   # validation accuracy within T.
   assert chosen_multirate(rows) == "multirate_a"
+  # Within T/2 (5 s and 10 s) only multirate_a has left its first point.
+  assert chosen_multirate(rows, 0.5) == "multirate_a"
+  assert chosen_multirate(rows[:1]) is None
   targets = {t["target"]: t for t in check_targets(rows, "text")}
   assert targets["at T/2, multirate >= every other method"]["met"]
   assert not targets[
@@ -85,7 +88,8 @@ def test_multirate_variant_is_chosen_on_validation_not_test():
   assert len(check_targets(rows, "vision")) == 1
   table = format_table(rows, "FULL RUN", check_targets(rows, "text"))
   assert "not reached" in table and "1.00 (1/2)" in table
-  assert "multirate chosen on validation (within T): multirate a" in table
+  assert ("multirate chosen on validation: within 0.5 T: multirate a; "
+          "within 0.55 T: multirate a; within 1 T: multirate a") in table
   assert "target MISSED: multirate within 1.0 point" in table
 
 

@@ -112,12 +112,25 @@ def test_evaluation_time_is_excluded_from_the_training_clock(fake_clock):
   assert run.train_seconds == 7
   # Every point improved validation, so each was kept for testing.
   assert sorted(run.checkpoints) == [0, 1, 2, 3]
-  # A budget stops the run at the first point at or past it.
+  # A budget re-plans the run to the 5 steps that fit at 1 s a step...
   budgeted = train_and_evaluate(fake_step(clock), method, optax.sgd(0.1),
                                 {"params": {"w": jnp.zeros(2)}}, data,
                                 Plan(steps=50, evaluate_every=3, budget=5.0),
                                 2, 0, validate, clock)
-  assert [p["train_seconds"] for p in budgeted.points] == [0, 3, 6]
+  assert [p["train_seconds"] for p in budgeted.points] == [0, 3, 5]
+  # ... and stops it at the first point at or past it when steps slow down.
+  slowing, calls = fake_step(clock), []
+
+  def slower(*args):
+    calls.append(None)
+    clock.now += 0.0 if len(calls) <= 3 else 2.0
+    return slowing(*args)
+
+  budgeted = train_and_evaluate(slower, method, optax.sgd(0.1),
+                                {"params": {"w": jnp.zeros(2)}}, data,
+                                Plan(steps=50, evaluate_every=3, budget=5.0),
+                                2, 0, validate, clock)
+  assert [p["train_seconds"] for p in budgeted.points] == [0, 3, 9]
 
 
 def test_warm_up_times_compilation_apart_and_probes_the_step(fake_clock):
@@ -178,3 +191,44 @@ def test_budgets_and_clock_of_a_whole_run_exclude_compilation_and_evaluation(
         p["step"] for p in run["points"]]
   assert results["train_all"]["probe_step_seconds"] is None
   assert results["multirate_classifier"]["probe_step_seconds"] == 1.0
+
+
+def test_a_budgeted_run_re_plans_from_its_measured_speed(fake_clock):
+  """The probe said 2 s a step, the steps take 1 s: at its first point the
+  run re-plans to the budget's 20 steps and stretches its decay alike."""
+  clock = fake_clock
+  data = Examples(np.zeros((10, 1), np.float32), np.zeros(10, np.int32))
+  method = Method("multirate", "m", fast=("a",))
+  optimizer = VISION.make_optimizer(
+      dataclasses.replace(method, rate_names=("fast_learning_rate",
+                                              "slow_learning_rate")),
+      {"fast_learning_rate": 0.1, "slow_learning_rate": 0.1},
+      dataclasses.replace(FULL, period=5), 10)
+  states = []
+
+  def step(params, opt_state, state, inputs, labels, key, number):
+    clock.now += 1.0
+    states.append(opt_state)
+    updates, opt_state = optimizer.update(
+        jax.tree.map(jnp.ones_like, params), opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state,
+            (jnp.zeros(()), state))
+
+  run = train_and_evaluate(
+      step, method, optimizer, {"params": {"a": jnp.ones(2), "b": jnp.ones(2)}},
+      data, Plan(steps=10, evaluate_every=5, budget=20.0, max_steps=100), 2, 0,
+      lambda variables: 0.5, clock)
+  assert [p["step"] for p in run.points] == [0, 5, 10, 15, 20]
+  assert [p["planned_steps"] for p in run.points] == [10, 20, 20, 20, 20]
+  assert run.train_seconds == 20
+  totals = [float(x) for x in jax.tree.leaves(states[-1])
+            if x.dtype == jnp.float32 and x.shape == () and float(x) in (
+                20.0, 4.0, 10.0, 2.0)]
+  assert totals == [20.0, 4.0]  # steps, and steps / k for the slow decay
+  # Capped by max_steps, and never past the budget's first point.
+  clock.now = 0.0
+  run = train_and_evaluate(
+      step, method, optimizer, {"params": {"a": jnp.ones(2), "b": jnp.ones(2)}},
+      data, Plan(steps=10, evaluate_every=5, budget=20.0, max_steps=12), 2, 0,
+      lambda variables: 0.5, clock)
+  assert [p["step"] for p in run.points] == [0, 5, 10, 12]
