@@ -57,6 +57,9 @@ def parse_args(
   parser.add_argument("--methods",
                       help="comma-separated method names to run (default: "
                       "the mode's; train-all is needed for budgets)")
+  parser.add_argument("--fixed-rates", action="store_true",
+                      help="one rate per method, the quick run's, instead of "
+                      "the mode's grids (no selection runs)")
   parser.add_argument("--bn", choices=("frozen", "train"), default="frozen",
                       help="vision: BatchNorm keeps the pretrained running "
                       "statistics (default) or trains with batch statistics")
@@ -76,6 +79,8 @@ def parse_args(
     overrides["seeds"] = tuple(range(args.seeds))
   if args.methods is not None:
     overrides["methods"] = tuple(args.methods.split(","))
+  if args.fixed_rates:
+    overrides["grids"] = task.quick.grids
   if args.image_size is not None:
     overrides["image_size"] = args.image_size
   if args.max_length is not None:

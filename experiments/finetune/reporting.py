@@ -220,7 +220,7 @@ def format_table(rows: Sequence[Mapping[str, Any]], description: str,
         "-" if row["step_seconds_mean"] is None
         else f"{row['step_seconds_mean']:.3f}",
         f"{row['compile_seconds']:.1f}",
-        f"{100 * row['share_updated_every_step']:.2f}%"])
+        f"{100 * row['share_updated_every_step']:.3g}%"])
   widths = [max(len(str(cells[i])) for cells in [header, *lines])
             for i in range(len(header))]
   render = lambda cells: "  ".join(

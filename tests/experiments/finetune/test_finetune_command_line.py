@@ -27,6 +27,9 @@ def test_the_task_option_picks_model_data_methods_and_settings():
       (0, 1), 3, 32)
   assert [m.name for m in task.methods_in(settings)] == [
       "train_all", "train_head"]
+  _, settings, _, _ = parse_args(["--task", "text", "--full",
+                                  "--fixed-rates"])
+  assert settings.grids == TEXT.quick.grids and not settings.quick
   with pytest.raises(ValueError, match="no method 'train_al'"):
     parse_args(["--methods", "train_al"])
   with pytest.raises(SystemExit):
