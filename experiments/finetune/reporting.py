@@ -278,7 +278,8 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
     width = 2.5 if row["name"] == chosen or row["train_all"] else 1.4
     line, = axes.plot(times, curve["mean"], linestyle=next(styles),
                       linewidth=width, drawstyle="steps-post",
-                      label=row["label"] + (" (chosen)" if row["name"] == chosen
+                      label=row["label"] + (" (chosen at T)"
+                                            if row["name"] == chosen
                                             else ""))
     axes.fill_between(times, curve["low"], curve["high"], step="post",
                       color=line.get_color(), alpha=0.15, linewidth=0)

@@ -232,3 +232,32 @@ def test_a_budgeted_run_re_plans_from_its_measured_speed(fake_clock):
       data, Plan(steps=10, evaluate_every=5, budget=20.0, max_steps=12), 2, 0,
       lambda variables: 0.5, clock)
   assert [p["step"] for p in run.points] == [0, 5, 10, 12]
+
+
+def test_re_planning_does_not_compile_the_step_again(
+    tiny_pretrained, tiny_splits, fake_clock):
+  from _probes import count_compilations
+  from experiments.finetune.optimizers import rescale_decay
+  method = BY_NAME["multirate_last_stage"]
+  settings = dataclasses.replace(FULL, batch_size=16, period=2)
+  model, variables = VISION.fresh_variables(tiny_pretrained(), 0, 10)
+  optimizer = VISION.make_optimizer(
+      method, {r: 0.01 for r in method.rate_names}, settings, 4)
+  step = make_step(method, VISION.make_loss(model, settings), optimizer,
+                   variables["params"])
+  warm_up(step, method, optimizer, variables, tiny_splits.train, 16)
+  rescale_decay(optimizer.init(VISION.fresh_variables(
+      tiny_pretrained(), 0, 10)[1]["params"]), 2.0)  # Eager ops compiled.
+
+  def timed(*args):
+    fake_clock.now += 1.0
+    return step(*args)
+
+  with count_compilations() as compilations:
+    run = train_and_evaluate(
+        timed, method, optimizer,
+        VISION.fresh_variables(tiny_pretrained(), 0, 10)[1],
+        tiny_splits.train, Plan(4, 2, budget=8.0, max_steps=20), 16, 0,
+        lambda variables: 0.5, fake_clock)
+  assert [p["planned_steps"] for p in run.points] == [4, 8, 8, 8, 8]
+  assert compilations[0] == 0
