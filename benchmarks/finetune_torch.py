@@ -27,7 +27,8 @@ REFERENCE.md §1, with its defects fixed):
   ``weight_decay`` term (the reference read an undefined one).
 * Train-all is ``torch.optim.SGD(momentum=0.9)``, all parameters every batch.
 
-Ours: the experiment's own train steps (:mod:`experiments.finetune.training`:
+Ours: the experiment's own train steps (:mod:`experiments.finetune.training`
+and :mod:`experiments.finetune.tasks.vision`:
 a plain jitted step of all parameters; :func:`multirate_optax.train_step` with
 ``'host'`` dispatch).
 
@@ -62,8 +63,9 @@ from efficientnet_lite_pytorch import EfficientNet
 from benchmarks._report import write_json
 from experiments.data import NUM_DIGIT_CLASSES, Dataset, load_digits_splits
 from experiments.finetune import training
-from experiments.finetune.settings import (
-    FULL, METHODS, QUICK_GRIDS, Method, Settings)
+from experiments.finetune.settings import Method, Settings
+from experiments.finetune.tasks import vision
+from experiments.finetune.tasks.vision import FULL, METHODS, QUICK_GRIDS
 from experiments.models import load_pretrained_efficientnet_lite0
 
 TORCH_THREADS = os.cpu_count() or 1
@@ -253,7 +255,7 @@ def prepare_torch(method: Method, rates: dict[str, float],
   def train_once():
     model = torch_model(seed)
     optimizer = optimizer_for(model)
-    batches = training.epochs_of_batches(train, settings, seed, lambda: None)
+    batches = training.batches(train, settings.batch_size, seed, steps)
     start = time.perf_counter()
     torch_steps(model, optimizer, batches)
     seconds = time.perf_counter() - start
@@ -266,23 +268,23 @@ def prepare_jax(method: Method, rates: dict[str, float],
                 settings: Settings, splits, pretrained,
                 seed: int) -> Runner:
   """The experiment's own step, compiled and warmed up once."""
-  model, variables = training.fresh_variables(pretrained, seed,
-                                              NUM_DIGIT_CLASSES)
+  model, variables = vision.fresh_variables(pretrained, seed,
+                                            NUM_DIGIT_CLASSES)
   steps = settings.epochs * (len(splits.train.labels) // settings.batch_size)
-  optimizer = training.make_optimizer(method, rates, settings, steps)
-  step = training.make_step(method, training.make_loss(model, settings.bn),
+  optimizer = vision.make_optimizer(method, rates, settings, steps)
+  step = training.make_step(method, vision.make_loss(model, settings),
                             optimizer, variables["params"])
-  predict = training.make_predict(model)
-  warm_up_seconds = training.warm_up(step, method, optimizer, variables,
-                                     splits.train, settings)
+  predict = vision.make_predict(model)
+  warm_up_seconds, _ = training.warm_up(step, method, optimizer, variables,
+                                        splits.train, settings.batch_size)
 
   def train_once():
-    trained, seconds = training.fine_tune(
+    run = training.train_and_evaluate(
         step, method, optimizer,
-        training.fresh_variables(pretrained, seed, NUM_DIGIT_CLASSES)[1],
-        splits.train, settings, seed, lambda: None)
-    return seconds, training.accuracy(predict, trained, splits.test,
-                                      4 * settings.batch_size)
+        vision.fresh_variables(pretrained, seed, NUM_DIGIT_CLASSES)[1],
+        splits.train, training.Plan(steps, steps), settings.batch_size, seed)
+    return run.train_seconds, training.accuracy(
+        predict, run.variables, splits.test, 4 * settings.batch_size)
 
   return Runner(warm_up_seconds, train_once)
 

@@ -1,7 +1,7 @@
-"""The whole experiment: every method on one data set, in one report.
+"""The whole experiment: every method of a task on one data set, in one report.
 
-The data are scikit-learn's digits, or your own images (``--data``); either
-way split into train/validation/test with the same class proportions.
+Train-all runs first: its training time on each seed is every other method's
+budget on that seed (:mod:`experiments.finetune.budget`).
 """
 
 from __future__ import annotations
@@ -10,80 +10,69 @@ import dataclasses
 import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Optional
 
-import flax.linen as nn
-import numpy as np
 import tqdm
 
-from experiments.data import Splits, load_digits_splits, stratified_splits
-from experiments.finetune.reporting import describe, machine, summarise
+from experiments.data import Splits
+from experiments.finetune.reporting import (
+    check_targets, describe, machine, summarise)
 from experiments.finetune.selection import run_method, runs_of
-from experiments.finetune.settings import METHODS, Method, Settings
-from experiments.models import load_pretrained_efficientnet_lite0
-
-PyTree = Any
-
-
-def load_splits(settings: Settings, data: Optional[Path] = None) -> Splits:
-  """The experiment's data, split with ``settings.split_seed``.
-
-  Args:
-    settings: the run's settings.
-    data: ``None`` for scikit-learn's digits at ``settings.image_size``, or an
-      ``.npz`` file with arrays ``images`` (n, height, width, 3), float,
-      normalised as the pretrained network expects (ImageNet mean and
-      standard deviation, see :data:`experiments.data.IMAGENET_MEAN`),
-      and ``labels`` (n,), integer classes from 0.
-  """
-  if data is None:
-    return load_digits_splits(image_size=settings.image_size,
-                              seed=settings.split_seed)
-  with np.load(data) as arrays:
-    missing = {"images", "labels"} - set(arrays.files)
-    if missing:
-      raise ValueError(f"{data} must hold arrays 'images' and 'labels'; "
-                       f"missing {sorted(missing)}, found {arrays.files}.")
-    images, labels = arrays["images"], arrays["labels"]
-  if images.ndim != 4 or images.shape[-1] != 3:
-    raise ValueError(f"{data}: images must have shape (n, height, width, 3), "
-                     f"got {images.shape}.")
-  return stratified_splits(images, labels, seed=settings.split_seed)
+from experiments.finetune.settings import Method, Settings
+from experiments.finetune.tasks import Task
+from experiments.finetune.training import Clock
 
 
 def run_experiment(
+    task: Task,
     settings: Settings,
     splits: Optional[Splits] = None,
-    methods: Sequence[Method] = METHODS,
-    pretrained: Optional[tuple[nn.Module, PyTree]] = None,
-    data_name: str = "digits",
+    methods: Optional[Sequence[Method]] = None,
+    pretrained: Any = None,
+    data_name: Optional[str] = None,
+    clock: Clock = time.perf_counter,
 ) -> dict[str, Any]:
   """Runs every method; returns settings, machine, per-method results and summary.
 
   Args:
+    task: the task.
     settings: the run's settings.
-    splits: the data; default the digits at ``settings.image_size``
-      (:func:`load_splits`).
-    methods: the methods to compare.
-    pretrained: ``(model, variables)`` to fine-tune (its classifier is
-      replaced); default the ImageNet EfficientNet-Lite0.
+    splits: the data; default the task's (:attr:`Task.load_splits`).
+    methods: the methods to compare; default those ``settings`` names. If
+      train-all is among them it runs first and sets the budgets; without
+      it every method trains ``settings.epochs`` epochs.
+    pretrained: the model to fine-tune (its classifier is replaced); default
+      the task's.
     data_name: the data's name in the outputs.
+    clock: the training clock (a parameter for the tests).
   """
   if splits is None:
-    splits = load_splits(settings)
+    splits = task.load_splits(settings, None)
   if pretrained is None:
-    pretrained = load_pretrained_efficientnet_lite0()
+    pretrained = task.load_pretrained()
+  data_name = task.data_name if data_name is None else data_name
+  if methods is None:
+    methods = task.methods_in(settings)
+  methods = sorted(methods, key=lambda m: not m.train_all)  # Stable.
   machine_before = machine()
   start = time.perf_counter()
-  total_epochs = sum(runs_of(m, settings) for m in methods) * settings.epochs
-  with tqdm.tqdm(total=total_epochs, unit="epoch", desc="fine-tuning",
+  results, budgets = [], None
+  with tqdm.tqdm(total=sum(runs_of(m, settings) for m in methods),
+                 unit="run", desc=f"fine-tuning ({task.name})",
                  dynamic_ncols=True) as progress:
-    results = [run_method(method, pretrained, splits, settings, progress)
-               for method in methods]
+    for method in methods:
+      result = run_method(task, method, pretrained, splits, settings,
+                          None if method.train_all else budgets, progress,
+                          clock)
+      if method.train_all:
+        budgets = {run["seed"]: run["train_seconds"] for run in result["runs"]}
+      results.append(result)
+  summary = summarise(results)
   return {
+      "task": task.name,
       "settings": dataclasses.asdict(settings),
-      "description": describe(settings),
+      "description": describe(task, settings, data_name),
+      "model": task.model_name,
       "data": data_name,
       "machine_at_start": machine_before,
       "load_average_at_end": os.getloadavg(),
@@ -91,5 +80,6 @@ def run_experiment(
       "split_sizes": {name: len(getattr(splits, name).labels)
                       for name in Splits._fields},
       "methods": results,
-      "summary": summarise(results),
+      "summary": summary,
+      "targets": check_targets(summary, task.name),
   }

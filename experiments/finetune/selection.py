@@ -1,26 +1,32 @@
 """Each method's learning rates, selected on validation, and its seeds' runs.
 
 Every method's rate(s) are picked from a small fixed grid by validation
-accuracy after one training run per grid point (with the first seed, whose run
-with the selected rates is then its reported one); the test split is evaluated
-only after selection, on the selected rates' runs, three seeds in ``--full``.
+accuracy: one training run per grid point with the first seed, scored by the
+validation accuracy of the checkpoint its budget allows
+(:func:`experiments.finetune.budget.chosen_index`); that seed's run with the
+selected rates is then its reported one. Runs never see the test split: the
+checkpoints a budget can report are kept during training and tested only
+after selection, and only those of the reported runs.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
+import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Optional
 
-import flax.linen as nn
 import tqdm
 
 from experiments.data import Splits
+from experiments.finetune.budget import (
+    chosen_index, evaluation_interval, planned_steps, step_cap)
 from experiments.finetune.settings import (
     Method, Rates, Settings, share_updated_every_step)
+from experiments.finetune.tasks import Task
 from experiments.finetune.training import (
-    accuracy, fine_tune, fresh_variables, make_loss, make_optimizer,
-    make_predict, make_step, warm_up)
+    Clock, Plan, Run, accuracy, make_step, train_and_evaluate, warm_up)
 
 PyTree = Any
 
@@ -60,7 +66,8 @@ def format_rates(rates: Rates) -> str:
   """``rates`` in a few characters (``h_F=0.003 h_S=0.005``), for tables,
   progress and the keys of the first seed's runs."""
   short = {"learning_rate": "h", "fast_learning_rate": "h_F",
-           "slow_learning_rate": "h_S"}
+           "slow_learning_rate": "h_S", "encoder_learning_rate": "h_enc",
+           "head_learning_rate": "h_head"}
   return " ".join(f"{short.get(k, k)}={v:g}" for k, v in rates.items())
 
 
@@ -70,57 +77,118 @@ def runs_of(method: Method, settings: Settings) -> int:
   return candidates + len(settings.seeds) - 1
 
 
-def run_method(method: Method, pretrained: tuple[nn.Module, PyTree],
-               splits: Splits, settings: Settings,
-               progress: tqdm.tqdm) -> dict[str, Any]:
+def probe_steps(method: Method, settings: Settings) -> int:
+  """Steps timed after compilation to plan a budgeted run: whole multirate
+  cycles (one), or three plain steps."""
+  return method.period_in(settings) if method.multirate else 3
+
+
+def run_method(task: Task, method: Method, pretrained: Any, splits: Splits,
+               settings: Settings, budgets: Optional[Mapping[int, float]],
+               progress: tqdm.tqdm,
+               clock: Clock = time.perf_counter) -> dict[str, Any]:
   """Selects the method's rates on validation, then trains and tests each seed.
 
-  Selection trains the first seed at every grid point and compares validation
-  accuracies; the run with the selected rates is that seed's reported run.
-  The test split is evaluated only after selection, on the selected runs.
+  Args:
+    task: the task.
+    method: one of its methods.
+    pretrained: the task's pretrained model.
+    splits: the data.
+    settings: the run's settings.
+    budgets: training seconds allowed on each seed (train-all's times);
+      ``None`` for train-all itself, or to run every method for
+      ``settings.epochs``.
+    progress: advanced by one per training run.
+    clock: the training clock (a parameter for the tests).
+
+  Returns:
+    Name, label, selected rates, the selection's scores, compile and probe
+    seconds, share of parameters updated every step, and one entry per seed:
+    its plan, its evaluation points (test accuracy on the best-so-far ones)
+    and its training seconds.
   """
   first_seed = settings.seeds[0]
-  model, variables = fresh_variables(pretrained, first_seed,
-                                     splits.num_classes)
+  model, variables = task.fresh_variables(pretrained, first_seed,
+                                          splits.num_classes)
   share = share_updated_every_step(method, variables["params"])
-  steps = settings.epochs * (len(splits.train.labels) // settings.batch_size)
-  optimizer = lambda rates: make_optimizer(method, rates, settings, steps)
+  steps_per_epoch = len(splits.train.labels) // settings.batch_size
+  epoch_steps = settings.epochs * steps_per_epoch
+  optimizer = lambda rates, steps: task.make_optimizer(method, rates,
+                                                       settings, steps)
   candidates = rate_candidates(settings.grids[method.name])
-  step = make_step(method, make_loss(model, settings.bn),
-                   optimizer(candidates[0]), variables["params"])
-  predict = make_predict(model)
+  step = make_step(method, task.make_loss(model, settings),
+                   optimizer(candidates[0], epoch_steps), variables["params"])
+  predict = task.make_predict(model)
   eval_batch_size = 4 * settings.batch_size
   progress.set_postfix_str(f"{method.name}: compiling")
-  compile_seconds = warm_up(step, method, optimizer(candidates[0]), variables,
-                            splits.train, settings)
+  compile_seconds, step_seconds = warm_up(
+      step, method, optimizer(candidates[0], epoch_steps), variables,
+      splits.train, settings.batch_size,
+      probe_steps=0 if budgets is None else probe_steps(method, settings),
+      clock=clock)
 
-  def train(rates: Rates, seed: int) -> tuple[PyTree, float]:
-    return fine_tune(step, method, optimizer(rates),
-                     fresh_variables(pretrained, seed, splits.num_classes)[1],
-                     splits.train, settings, seed, lambda: progress.update(1))
+  def plan(seed: int) -> Plan:
+    budget = None if budgets is None else budgets[seed]
+    steps = planned_steps(budget, step_seconds, epoch_steps,
+                          settings.max_epochs_factor)
+    return Plan(steps, evaluation_interval(steps, settings.evaluations),
+                budget, step_cap(epoch_steps, settings.max_epochs_factor))
+
+  def validate(trained: PyTree) -> float:
+    return accuracy(predict, trained, splits.validation, eval_batch_size)
+
+  def train(rates: Rates, seed: int) -> tuple[Plan, Run]:
+    seed_plan = plan(seed)
+    run = train_and_evaluate(
+        step, method, optimizer(rates, seed_plan.steps),
+        task.fresh_variables(pretrained, seed, splits.num_classes)[1],
+        splits.train, seed_plan, settings.batch_size, seed, validate, clock)
+    progress.update(1)
+    return seed_plan, run
 
   first_runs = {}  # The first seed's run of each grid point, by its rates.
 
   def validation_accuracy(rates: Rates) -> float:
     progress.set_postfix_str(f"{method.name}: selecting {format_rates(rates)}")
-    first_runs[format_rates(rates)] = train(rates, first_seed)
-    return accuracy(predict, first_runs[format_rates(rates)][0],
-                    splits.validation, eval_batch_size)
+    seed_plan, run = first_runs[format_rates(rates)] = train(rates, first_seed)
+    budget = math.inf if seed_plan.budget is None else seed_plan.budget
+    return run.points[chosen_index(run.points, budget)]["validation_accuracy"]
 
   rates, selection = select_rates(candidates, validation_accuracy)
   runs = []
   for seed in settings.seeds:
     progress.set_postfix_str(f"{method.name}: seed {seed}")
     if seed == first_seed and format_rates(rates) in first_runs:
-      trained, seconds = first_runs.pop(format_rates(rates))
+      seed_plan, run = first_runs.pop(format_rates(rates))
     else:
-      trained, seconds = train(rates, seed)
-    runs.append({"seed": seed, "train_seconds": seconds,
-                 "test_accuracy": accuracy(predict, trained, splits.test,
-                                           eval_batch_size)})
+      seed_plan, run = train(rates, seed)
+    first_runs.clear()  # Frees the other grid points' checkpoints.
+    runs.append(tested(run, seed, seed_plan, steps_per_epoch,
+                       lambda trained: accuracy(predict, trained, splits.test,
+                                                eval_batch_size)))
   return {
-      "name": method.name, "label": method.label, "rates": rates,
-      "selection": selection, "runs": runs,
-      "compile_seconds": compile_seconds,
+      "name": method.name, "label": method.label,
+      "multirate": method.multirate, "train_all": method.train_all,
+      "rates": rates, "selection": selection, "runs": runs,
+      "compile_seconds": compile_seconds, "probe_step_seconds": step_seconds,
       "share_updated_every_step": share,
   }
+
+
+def tested(run: Run, seed: int, plan: Plan, steps_per_epoch: int,
+           test: Callable[[PyTree], float]) -> dict[str, Any]:
+  """A finished run's record, its kept checkpoints tested.
+
+  Only the best-so-far checkpoints are kept by the run, so only they get a
+  test accuracy; the others' is ``None``.
+  """
+  points = [dict(point, test_accuracy=None) for point in run.points]
+  for index, checkpoint in run.checkpoints.items():
+    points[index]["test_accuracy"] = test(checkpoint)
+  steps = points[-1]["step"] if points else plan.steps
+  return {"seed": seed, "planned_steps": plan.steps,
+          "planned_epochs": plan.steps / steps_per_epoch,
+          "evaluate_every": plan.evaluate_every,
+          "budget_seconds": plan.budget, "steps": steps,
+          "epochs": steps / steps_per_epoch,
+          "train_seconds": run.train_seconds, "points": points}

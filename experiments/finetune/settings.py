@@ -1,35 +1,11 @@
-"""What the fine-tuning experiment compares, and the settings of a run.
+"""What a fine-tuning method is, the settings of a run, and parameter roles.
 
-Methods (same epochs, batch size and optimizer: SGD with momentum 0.9, its
-rate decayed to 0 over the run with a cosine):
-
-* ``train_all``: every parameter, every step.
-* ``multirate_classifier`` / ``multirate_classifier_drift``:
-  :func:`multirate_optax.multirate` with the classifier fast and everything
-  else slow, period k, without and with linear drift.
-* ``multirate_last_stage``: the last stage (``blocks_15``), the conv head and
-  the classifier fast, with drift (better than without on validation).
-* ``multirate_last_stage_k3``: the same with k = 3, the backbone's gradient
-  every third step instead of every fifth (better on validation than the
-  k = 5 variants, for more time).
-* ``train_last_stage``: last stage, conv head and classifier only.
-* ``train_classifier``: the classifier only (a linear probe).
-
-A method gives every parameter a role (:func:`leaf_roles`) by its top-level
-module of :class:`experiments.models.EfficientNetLite0`.
-
-Learning rates: a plain method has one, a multirate method two (the fast and
-the slow rate, see :mod:`experiments.finetune.training`), each picked from a
-small fixed grid (:mod:`experiments.finetune.selection`): ``FULL_GRIDS`` for
-the experiment as specified, ``QUICK_GRIDS`` the full run's selections.
-
-BatchNorm (``--bn``): ``frozen`` (default) keeps the pretrained running
-statistics and normalises with them (inference mode) while training, with
-dropout and stochastic depth on; ``train`` normalises with batch statistics
-and updates the running averages, as ``model.train()`` in PyTorch. With
-frozen statistics the ImageNet features transfer far better to these small
-images (a PyTorch probe: train-all 97.8% frozen vs 74.5% train). BatchNorm
-scales and offsets are parameters, trained like the rest of their module.
+A method gives every parameter a role by its top-level module: plain methods
+train some modules (all of them for train-all) and freeze the rest; multirate
+methods (:func:`multirate_optax.multirate`) make some modules fast and all
+others slow. Each task (:mod:`experiments.finetune.tasks`) lists its methods,
+their rate grids and its quick and full settings; everything here is shared
+by the tasks.
 """
 
 from __future__ import annotations
@@ -40,14 +16,10 @@ from typing import Any, Optional
 
 import jax
 
-from experiments.models import stage_block_names
 import multirate_optax as mo
 
 PyTree = Any
 Rates = dict[str, float]
-
-CLASSIFIER = ("classifier",)
-LAST_STAGE_AND_HEAD = (*stage_block_names(-1), "head", "classifier")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +35,8 @@ class Method:
       being slow; ``None`` for a plain method.
     drift: multirate with linear drift.
     period: multirate: k, if not the settings' one.
+    rate_names: the learning rates the task's optimizer takes for this
+      method (each picked from a grid on validation).
   """
   name: str
   label: str
@@ -70,110 +44,83 @@ class Method:
   fast: Optional[tuple[str, ...]] = None
   drift: bool = False
   period: Optional[int] = None
+  rate_names: tuple[str, ...] = ()
 
   @property
   def multirate(self) -> bool:
     return self.fast is not None
 
+  @property
+  def train_all(self) -> bool:
+    """Every parameter trained on every step: the baseline whose time is
+    every other method's budget."""
+    return not self.multirate and self.trained is None
+
   def period_in(self, settings: Settings) -> int:
     """k of this method under ``settings``."""
     return settings.period if self.period is None else self.period
-
-  @property
-  def rate_names(self) -> tuple[str, ...]:
-    if self.multirate:
-      return ("fast_learning_rate", "slow_learning_rate")
-    return ("learning_rate",)
-
-
-METHODS = (
-    Method("train_all", "train all"),
-    Method("multirate_classifier", "multirate, fast = classifier",
-           fast=CLASSIFIER),
-    Method("multirate_classifier_drift", "multirate + drift, fast = classifier",
-           fast=CLASSIFIER, drift=True),
-    Method("multirate_last_stage",
-           "multirate + drift, fast = last stage + head",
-           fast=LAST_STAGE_AND_HEAD, drift=True),
-    Method("multirate_last_stage_k3",
-           "multirate + drift, fast = last stage + head, k = 3",
-           fast=LAST_STAGE_AND_HEAD, drift=True, period=3),
-    Method("train_last_stage", "train last stage + head",
-           trained=LAST_STAGE_AND_HEAD),
-    Method("train_classifier", "train classifier only", trained=CLASSIFIER),
-)
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """Everything that defines a run of the experiment.
 
+  Shared fields first, then those of one task (ignored by the other).
+
   Attributes:
-    image_size: side of the RGB digit images.
-    epochs: passes over the train split, the same for every method.
+    task: ``'vision'`` or ``'text'``.
+    epochs: train-all's passes over the train split. Train-all's training
+      time on a seed is every other method's time budget on that seed; the
+      others plan as many steps as fit in it (see
+      :mod:`experiments.finetune.budget`), at most ``max_epochs_factor``
+      times these epochs.
     seeds: seeds of the reported runs (classifier init, batch order,
       dropout); rates are selected on the first seed's runs.
     grids: for each method name, the candidate values of each of its rates.
+    methods: names of the task's methods to run (``None``: all of them).
     batch_size: examples per step.
     period: k, steps per multirate cycle.
-    momentum: SGD momentum of every method.
-    bn: ``'frozen'`` or ``'train'``, see the module docstring.
+    evaluations: evaluation points over a run's planned steps, evenly spaced
+      (and one before the first step).
+    max_epochs_factor: cap on a method's planned epochs, in train-alls.
     split_seed: seed of the train/validation/test split.
-    quick: a reduced run (fewer epochs, seeds and grid points).
+    quick: a reduced run (fewer epochs, seeds, examples and grid points).
+    image_size: vision: side of the RGB digit images.
+    momentum: vision: SGD momentum of every method.
+    bn: vision: ``'frozen'`` or ``'train'``, see
+      :mod:`experiments.finetune.tasks.vision`.
+    max_length: text: tokens per text ([CLS] and [SEP] included).
+    weight_decay: text: AdamW's decoupled weight decay.
+    split_sizes: text: at most this many train, validation and test
+      examples (``None``: the whole split), for quick runs.
   """
-  image_size: int
+  task: str
   epochs: int
   seeds: tuple[int, ...]
   grids: Mapping[str, Mapping[str, tuple[float, ...]]]
+  methods: Optional[tuple[str, ...]] = None
   batch_size: int = 32
   period: int = 5
-  momentum: float = 0.9
-  bn: str = "frozen"
+  evaluations: int = 10
+  max_epochs_factor: float = 8.0
   split_seed: int = 0
   quick: bool = False
+  image_size: int = 32
+  momentum: float = 0.9
+  bn: str = "frozen"
+  max_length: int = 64
+  weight_decay: float = 0.01
+  split_sizes: Optional[tuple[Optional[int], Optional[int],
+                              Optional[int]]] = None
 
   def __post_init__(self):
+    if self.task not in ("vision", "text"):
+      raise ValueError(f"task must be 'vision' or 'text', got {self.task!r}.")
     if self.bn not in ("frozen", "train"):
       raise ValueError(f"bn must be 'frozen' or 'train', got {self.bn!r}.")
-
-
-# Ranges bracketing the best validation accuracies of an exploration on the
-# validation split (32x32, 16-20 epochs, seeds 0-1): train-all is best at
-# 0.001-0.003 (0.01 is worse and diverges without the decay); multirate with a
-# slow rate of 0.01 per cycle was worse on validation than 0.003 in every
-# method, and a fast rate above 0.003 is unstable. A slow rate of k * h per
-# cycle moves the slow parameters as far per cycle as train-all's rate h does:
-# 0.005 for k = 5 and h = 0.001.
-_MULTIRATE_GRID = {"fast_learning_rate": (0.001, 0.003),
-                   "slow_learning_rate": (0.003, 0.005)}
-FULL_GRIDS = {
-    "train_all": {"learning_rate": (0.001, 0.003)},
-    "multirate_classifier": _MULTIRATE_GRID,
-    "multirate_classifier_drift": _MULTIRATE_GRID,
-    "multirate_last_stage": _MULTIRATE_GRID,
-    "multirate_last_stage_k3": _MULTIRATE_GRID,
-    "train_last_stage": {"learning_rate": (0.001, 0.003, 0.01)},
-    "train_classifier": {"learning_rate": (0.01, 0.03, 0.1)},
-}
-# One grid point per method: what the full run's selection picked (BatchNorm
-# frozen; benchmarks/results/finetune_full.json).
-QUICK_GRIDS = {
-    "train_all": {"learning_rate": (0.001,)},
-    "multirate_classifier": {"fast_learning_rate": (0.001,),
-                             "slow_learning_rate": (0.003,)},
-    "multirate_classifier_drift": {"fast_learning_rate": (0.003,),
-                                   "slow_learning_rate": (0.003,)},
-    "multirate_last_stage": {"fast_learning_rate": (0.003,),
-                             "slow_learning_rate": (0.003,)},
-    "multirate_last_stage_k3": {"fast_learning_rate": (0.001,),
-                                "slow_learning_rate": (0.003,)},
-    "train_last_stage": {"learning_rate": (0.003,)},
-    "train_classifier": {"learning_rate": (0.1,)},
-}
-
-FULL = Settings(image_size=32, epochs=20, seeds=(0, 1, 2), grids=FULL_GRIDS)
-QUICK = Settings(image_size=32, epochs=6, seeds=(0,), grids=QUICK_GRIDS,
-                 quick=True)
+    if self.evaluations < 1:
+      raise ValueError(
+          f"evaluations must be at least 1, got {self.evaluations!r}.")
 
 
 def leaf_paths(tree: PyTree) -> list[str]:

@@ -1,109 +1,57 @@
-"""One training run of a fine-tuning method, and its accuracy.
+"""Train steps, and one timed training run evaluated at regular points.
+
+Shared by the tasks. A task supplies the loss
+``loss(params, state, inputs, labels, key, step) -> (loss, state)``, where
+``state`` is the model's other variables (BatchNorm statistics; ``{}`` for the
+text model), and a jitted ``predict(variables, inputs) -> classes``.
 
 The plain methods differentiate only their trained top-level modules
 (``jax.value_and_grad`` of the trained subtree, one jitted step with donated
 buffers); multirate uses :func:`multirate_optax.train_step`, whose fast steps
 differentiate only the fast modules.
 
-Learning rates. Multirate gets two: the fast rate ``h_F`` (the fast
-parameters' SGD step size, every step) and the slow rate ``h_S``, the slow
-parameters' step size per slow update, i.e. per cycle of k steps: without
-drift ``θ_S -= h_S p_S`` on each slow step (``slow_scale=1``); with drift the
-same displacement is spread over the cycle, ``θ_S -= (h_S / k) p_S`` on every
-step (``slow_scale=1/k``). The paper's coupling is ``h_S = k h_F``; here both
-are free.
-
 Timing: every train-step program (each multirate phase) is compiled and run
-first on a throwaway copy of the state; that compilation and warm-up time is
-reported separately. Training time is the wall-clock of the training loop (host
-batching included, evaluation excluded), blocked on the final state.
-Depthwise convolutions run as sums of shifted products
-(:mod:`experiments.models.depthwise`), several times faster than XLA:CPU's
-depthwise convolution.
+first on a throwaway copy of the state (:func:`warm_up`), which also measures
+the step time a budgeted run first plans with; that time is reported
+separately. Training time is the wall-clock of the training loop (host
+batching included), blocked on the state at each evaluation point; the clock
+stops while the model is evaluated (:func:`train_and_evaluate`). A budgeted
+run re-plans its steps at each evaluation point from the speed measured so
+far: a probe of a few steps on a shared CPU can be off by half.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple, Optional
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments.data import Dataset, shuffled_batches
-from experiments.finetune.settings import (
-    Method, Rates, Settings, top_module, trained_modules)
-from experiments.models import replace_classifier
-from experiments.models.depthwise import depthwise_as_shifts
+from experiments.data import shuffled_batches
+from experiments.finetune.optimizers import rescale_decay
+from experiments.finetune.settings import Method, trained_modules
 import multirate_optax as mo
 
 PyTree = Any
+Clock = Callable[[], float]
 
 
-def sgd(learning_rate: float, momentum: float, decay_steps: int,
-        period: int = 1) -> optax.GradientTransformation:
-  """SGD with momentum, the rate decayed to 0 over ``decay_steps`` (cosine).
+class Examples(NamedTuple):
+  """Examples of one split, for any task.
 
-  The rate's peak lives in the optimizer state (so one compiled step serves
-  every grid point) and the decay's shape in the program. ``period`` > 1 is
-  for a multirate slow optimizer, whose count advances once per cycle.
+  Attributes:
+    inputs: one array with the examples along its first axis (images; token
+      ids and attention masks stacked along axis 1).
+    labels: int32, shape (n,), class indices from 0.
+
+  :class:`experiments.data.Dataset` (``images, labels``) has the same shape.
   """
-  shape = optax.cosine_decay_schedule(1.0, decay_steps)
-  if period > 1:
-    shape = mo.in_slow_steps(shape, period)
-  return optax.chain(
-      optax.trace(decay=momentum),
-      optax.scale_by_schedule(shape),
-      optax.inject_hyperparams(optax.scale_by_learning_rate)(
-          learning_rate=learning_rate))
-
-
-def make_optimizer(method: Method, rates: Rates, settings: Settings,
-                   steps: int) -> optax.GradientTransformation:
-  """The method's optimizer for ``steps`` train steps.
-
-  For plain methods it is the optimizer of the trained subtree only.
-  """
-  if not method.multirate:
-    return sgd(rates["learning_rate"], settings.momentum, steps)
-  period = method.period_in(settings)
-  return mo.multirate(
-      sgd(rates["fast_learning_rate"], settings.momentum, steps),
-      sgd(rates["slow_learning_rate"], settings.momentum, steps, period),
-      labels=mo.fast_by_path(lambda path: top_module(path) in method.fast),
-      period=period, drift=method.drift,
-      # h_S per cycle: all on the slow step, or spread over the cycle.
-      slow_scale=1.0 / period if method.drift else 1.0)
-
-
-def make_loss(model: nn.Module, bn: str) -> Callable[..., Any]:
-  """``loss(params, batch_stats, images, labels, key, step) -> (loss, batch_stats)``.
-
-  Dropout and stochastic depth are on, with a key folded from ``key`` and the
-  step number. With ``bn='frozen'`` BatchNorm normalises with the running
-  statistics and ``batch_stats`` comes back unchanged; with ``'train'`` it
-  normalises with the batch's and comes back updated.
-  """
-
-  def loss(params, batch_stats, images, labels, key, step):
-    variables = {"params": params, "batch_stats": batch_stats}
-    rngs = {"dropout": jax.random.fold_in(key, step)}
-    with depthwise_as_shifts():
-      if bn == "train":
-        logits, updated = model.apply(variables, images, train=True,
-                                      rngs=rngs, mutable=["batch_stats"])
-        batch_stats = updated["batch_stats"]
-      else:
-        logits = model.apply(variables, images, train=False,
-                             deterministic=False, rngs=rngs)
-    value = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return value.mean(), batch_stats
-
-  return loss
+  inputs: np.ndarray
+  labels: np.ndarray
 
 
 def subtree_step(loss_fn: Callable[..., Any], optimizer: optax.GradientTransformation,
@@ -130,7 +78,11 @@ def subtree_step(loss_fn: Callable[..., Any], optimizer: optax.GradientTransform
 def make_step(method: Method, loss_fn: Callable[..., Any],
               optimizer: optax.GradientTransformation,
               params: Mapping[str, Any]) -> Callable[..., Any]:
-  """The method's compiled train step."""
+  """The method's compiled train step.
+
+  The optimizer's numbers (rates, decay length) live in its state, so the
+  step serves every optimizer the task builds for this method.
+  """
   if method.multirate:
     return mo.train_step(loss_fn, optimizer, has_aux=True)
   return subtree_step(loss_fn, optimizer, trained_modules(method, params))
@@ -144,24 +96,6 @@ def init_optimizer_state(method: Method, optimizer: optax.GradientTransformation
       {name: params[name] for name in trained_modules(method, params)})
 
 
-def run_steps(step, params, opt_state, batch_stats,
-              batches: Iterable[tuple[np.ndarray, np.ndarray]],
-              key: jax.Array) -> tuple[PyTree, PyTree]:
-  """Runs ``step`` on every batch; returns the final params and batch_stats."""
-  for number, (images, labels) in enumerate(batches):
-    params, opt_state, (_, batch_stats) = step(
-        params, opt_state, batch_stats, images, labels, key, np.int32(number))
-  return jax.block_until_ready((params, batch_stats))
-
-
-def epochs_of_batches(data: Dataset, settings: Settings, seed: int,
-                      on_epoch: Callable[[], None]) -> Iterator[tuple]:
-  for epoch in range(settings.epochs):
-    yield from shuffled_batches(data.images, data.labels, settings.batch_size,
-                                seed=seed, epoch=epoch)
-    on_epoch()
-
-
 def dropout_key(seed: int) -> jax.Array:
   """The key of a run's dropout and stochastic depth.
 
@@ -172,68 +106,205 @@ def dropout_key(seed: int) -> jax.Array:
   return jax.random.key(seed, impl="rbg")
 
 
-def fresh_variables(pretrained: tuple[nn.Module, PyTree], seed: int,
-                    num_classes: int) -> tuple[nn.Module, PyTree]:
-  """A copy of the pretrained variables with a new ``num_classes`` classifier.
+def batches(data: Examples, batch_size: int, seed: int,
+            steps: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """``steps`` minibatches: shuffled epochs one after another, the last cut
+  short (the same first batches whatever ``steps``)."""
+  inputs, labels = data
+  epoch, produced = 0, 0
+  while produced < steps:
+    for batch in shuffled_batches(inputs, labels, batch_size, seed=seed,
+                                  epoch=epoch):
+      yield batch
+      produced += 1
+      if produced == steps:
+        return
+    epoch += 1
 
-  A copy, because train steps donate (and so delete) the buffers they get.
-  """
-  model, variables = pretrained
-  copied = jax.tree.map(lambda x: jnp.array(x, copy=True), variables)
-  return replace_classifier(model, copied, num_classes,
-                            jax.random.fold_in(jax.random.key(seed), 0))
+
+def split_variables(variables: Mapping[str, Any]) -> tuple[PyTree, PyTree]:
+  """``(params, state)``: the parameters, and every other collection."""
+  return variables["params"], {k: v for k, v in variables.items()
+                               if k != "params"}
 
 
-def fine_tune(step, method: Method, optimizer: optax.GradientTransformation,
-              variables: PyTree, data: Dataset, settings: Settings, seed: int,
-              on_epoch: Callable[[], None]) -> tuple[PyTree, float]:
-  """Trains from ``variables``; returns the trained variables and the seconds."""
-  params, batch_stats = variables["params"], variables["batch_stats"]
-  opt_state = init_optimizer_state(method, optimizer, params)
-  batches = epochs_of_batches(data, settings, seed, on_epoch)
-  start = time.perf_counter()
-  params, batch_stats = run_steps(step, params, opt_state, batch_stats,
-                                  batches, dropout_key(seed))
-  seconds = time.perf_counter() - start
-  return {"params": params, "batch_stats": batch_stats}, seconds
+def run_steps(step, params, opt_state, state, steps: Iterable[tuple],
+              key: jax.Array, first: int = 0) -> tuple[PyTree, PyTree, PyTree]:
+  """Runs ``step`` on every batch, numbered from ``first`` (the dropout key's
+  fold); returns the params, optimizer state and model state, not blocked on."""
+  for number, (inputs, labels) in enumerate(steps, start=first):
+    params, opt_state, (_, state) = step(
+        params, opt_state, state, inputs, labels, key, np.int32(number))
+  return params, opt_state, state
 
 
 def warm_up(step, method: Method, optimizer: optax.GradientTransformation,
-            variables: PyTree, data: Dataset, settings: Settings) -> float:
-  """Compiles every program of ``step`` on ``variables`` (a throwaway copy).
+            variables: Mapping[str, Any], data: Examples, batch_size: int,
+            probe_steps: int = 0,
+            clock: Clock = time.perf_counter) -> tuple[float, Optional[float]]:
+  """Compiles every program of ``step`` on ``variables`` (a throwaway copy),
+  then times ``probe_steps`` more steps.
 
-  Two steps: the first is a multirate slow step, the second a fast one.
+  Two steps compile: the first is a multirate slow step, the second a fast
+  one. A multirate probe should cover whole cycles, so that its mean is the
+  mean over a cycle.
 
   Returns:
-    The seconds taken (compilation and one run of each program).
+    The seconds of the two compiling steps (compilation and one run of each
+    program), and the mean seconds of a probed step (``None`` without probe).
   """
-  params, batch_stats = variables["params"], variables["batch_stats"]
+  params, state = split_variables(variables)
   opt_state = init_optimizer_state(method, optimizer, params)
-  batch = (data.images[:settings.batch_size], data.labels[:settings.batch_size])
-  start = time.perf_counter()
-  run_steps(step, params, opt_state, batch_stats, [batch] * 2,
-            dropout_key(0))
-  return time.perf_counter() - start
+  batch = (data[0][:batch_size], data[1][:batch_size])
+  key = dropout_key(0)
+  start = clock()
+  params, opt_state, state = jax.block_until_ready(
+      run_steps(step, params, opt_state, state, [batch] * 2, key))
+  compile_seconds = clock() - start
+  if not probe_steps:
+    return compile_seconds, None
+  start = clock()
+  jax.block_until_ready(run_steps(step, params, opt_state, state,
+                                  [batch] * probe_steps, key, first=2))
+  return compile_seconds, (clock() - start) / probe_steps
 
 
-def make_predict(model: nn.Module) -> Callable[[PyTree, np.ndarray], jax.Array]:
-  """Jitted predicted classes, BatchNorm and dropout in inference mode."""
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """How long one run trains, and where it is evaluated.
 
-  def predict(variables, images):
-    with depthwise_as_shifts():
-      return jnp.argmax(model.apply(variables, images), axis=-1)
+  Attributes:
+    steps: the planned steps; the learning rates decay over them.
+    evaluate_every: steps between evaluation points (the last step is
+      evaluated too).
+    budget: training seconds allowed (``None``: run the whole plan). The run
+      stops at the first evaluation point at or past it, and at each point
+      before its plan's end re-plans its steps from the speed it has measured
+      so far (:func:`replanned_steps`).
+    max_steps: a re-plan never exceeds this many steps (``None``: ``steps``).
+  """
+  steps: int
+  evaluate_every: int
+  budget: Optional[float] = None
+  max_steps: Optional[int] = None
 
-  return jax.jit(predict)
+
+def replanned_steps(done: int, elapsed: float, budget: float,
+                    max_steps: int) -> int:
+  """Steps that fit in ``budget`` at the mean step time so far.
+
+  At least one more than ``done``, at most ``max_steps``.
+
+  Example:
+    >>> replanned_steps(10, 5.0, 20.0, 1000), replanned_steps(10, 5.0, 20.0, 30)
+    (40, 30)
+  """
+  more = int((budget - elapsed) * done / elapsed) if elapsed > 0 else 0
+  return max(done + 1, min(max_steps, done + more))
 
 
-def accuracy(predict, variables: PyTree, data: Dataset,
-             batch_size: int) -> float:
+class Run(NamedTuple):
+  """What one run produced.
+
+  Attributes:
+    points: one dict per evaluation point, in order: ``step``, ``epoch``
+      (steps over steps per epoch), ``train_seconds`` (training clock at the
+      point), ``validation_accuracy``, ``planned_steps`` (the plan after the
+      point's re-plan).
+    checkpoints: host copies of the variables at the points that improved
+      the validation accuracy (:func:`experiments.finetune.budget.improvements`),
+      by point index: the only ones a budget can report, to be tested after
+      training.
+    variables: the final variables.
+    train_seconds: the training clock at the end.
+  """
+  points: list[dict[str, Any]]
+  checkpoints: dict[int, PyTree]
+  variables: PyTree
+  train_seconds: float
+
+
+def train_and_evaluate(
+    step, method: Method, optimizer: optax.GradientTransformation,
+    variables: Mapping[str, Any], data: Examples, plan: Plan,
+    batch_size: int, seed: int,
+    validate: Optional[Callable[[PyTree], float]] = None,
+    clock: Clock = time.perf_counter) -> Run:
+  """Trains from ``variables`` (consumed) along ``plan``; evaluates on the way.
+
+  Args:
+    step, method, optimizer: the method's compiled step and an optimizer of
+      its family (its state is initialised here).
+    variables: the starting variables; their buffers are donated.
+    data: the train split.
+    plan: steps, evaluation interval and budget.
+    batch_size: examples per step.
+    seed: order of the batches, dropout.
+    validate: variables to validation accuracy, called before the first
+      step and at every evaluation point while the clock is stopped;
+      ``None``: no evaluation (a plain timed run).
+    clock: seconds, e.g. :func:`time.perf_counter`; a parameter for the
+      tests.
+  """
+  params, state = split_variables(variables)
+  opt_state = init_optimizer_state(method, optimizer, params)
+  steps_per_epoch = len(data[1]) // batch_size
+  key = dropout_key(seed)
+  max_steps = plan.steps if plan.max_steps is None else plan.max_steps
+  planned = plan.steps
+  points: list[dict[str, Any]] = []
+  checkpoints: dict[int, PyTree] = {}
+  best = -np.inf
+
+  def evaluate(done: int, seconds: float) -> None:
+    nonlocal best
+    current = {"params": params, **state}
+    accuracy = validate(current)
+    points.append({"step": done, "epoch": done / steps_per_epoch,
+                   "train_seconds": seconds, "validation_accuracy": accuracy,
+                   "planned_steps": planned})
+    if accuracy > best:
+      best = accuracy
+      checkpoints[len(points) - 1] = jax.device_get(current)
+
+  if validate is not None:
+    evaluate(0, 0.0)
+  elapsed, done, start = 0.0, 0, clock()
+  for inputs, labels in batches(data, batch_size, seed, max_steps):
+    params, opt_state, (_, state) = step(
+        params, opt_state, state, inputs, labels, key, np.int32(done))
+    done += 1
+    if validate is not None and (done % plan.evaluate_every == 0
+                                 or done == planned):
+      jax.block_until_ready((params, state))
+      elapsed += clock() - start
+      if plan.budget is not None and done < planned and elapsed < plan.budget:
+        # Re-planned before the point is recorded, so that it says the plan
+        # the run continues with; the decay stretches with the plan.
+        replanned = replanned_steps(done, elapsed, plan.budget, max_steps)
+        opt_state = rescale_decay(opt_state, replanned / planned)
+        planned = replanned
+      evaluate(done, elapsed)
+      if plan.budget is not None and elapsed >= plan.budget:
+        break
+      start = clock()
+    if done >= planned:
+      break
+  jax.block_until_ready((params, state))
+  if not points or points[-1]["step"] != done:
+    elapsed += clock() - start
+  return Run(points, checkpoints, {"params": params, **state}, elapsed)
+
+
+def accuracy(predict: Callable[[PyTree, np.ndarray], Any], variables: PyTree,
+             data: Examples, batch_size: int) -> float:
   """Share of ``data`` classified correctly, in batches of one fixed size."""
+  inputs, labels = data
   correct = 0
-  for start in range(0, len(data.labels), batch_size):
-    images = data.images[start:start + batch_size]
-    padded = np.pad(images, ((0, batch_size - len(images)),)
-                    + ((0, 0),) * (images.ndim - 1))
-    predicted = np.asarray(predict(variables, padded))[:len(images)]
-    correct += int(np.sum(predicted == data.labels[start:start + batch_size]))
-  return correct / len(data.labels)
+  for start in range(0, len(labels), batch_size):
+    chunk = inputs[start:start + batch_size]
+    padded = np.pad(chunk, ((0, batch_size - len(chunk)),)
+                    + ((0, 0),) * (chunk.ndim - 1))
+    predicted = np.asarray(predict(variables, padded))[:len(chunk)]
+    correct += int(np.sum(predicted == labels[start:start + batch_size]))
+  return correct / len(labels)

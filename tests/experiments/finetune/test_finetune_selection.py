@@ -1,8 +1,10 @@
-"""Learning-rate selection on validation, and the seeds' runs."""
+"""Learning-rate selection on validation, the seeds' runs, and the test split
+kept out of every choice."""
 
+from experiments.finetune.budget import improvements
 from experiments.finetune.selection import (
     rate_candidates, runs_of, select_rates)
-from experiments.finetune.settings import METHODS
+from experiments.finetune.tasks.vision import METHODS
 
 
 def test_rate_candidates_are_the_grid_product():
@@ -30,14 +32,23 @@ def test_a_single_candidate_is_not_trained():
       {"learning_rate": 0.1}, [])
 
 
-def test_selection_uses_validation_and_never_test(tiny_run, tiny_splits):
+def test_runs_see_validation_only_and_test_comes_after(tiny_run, tiny_splits):
+  """Spy on every evaluation: inside rate selection and inside training runs
+  only the validation split is evaluated; the test split only afterwards, and
+  only on the checkpoints a budget can report (best so far on validation)."""
   _, report, evaluated, _, _ = tiny_run
-  during_selection = [data for selecting, data in evaluated if selecting]
-  assert len(during_selection) == 2  # train_classifier's two candidates
-  assert all(data is tiny_splits.validation for data in during_selection)
-  afterwards = [data for selecting, data in evaluated if not selecting]
-  assert len(afterwards) == len(METHODS)  # one seed each, on test
+  during = [data for phase, data in evaluated if phase != "after"]
+  assert during and all(data is tiny_splits.validation for data in during)
+  afterwards = [data for phase, data in evaluated if phase == "after"]
   assert all(data is tiny_splits.test for data in afterwards)
+  tested = [point for method in report["methods"] for run in method["runs"]
+            for point in run["points"] if point["test_accuracy"] is not None]
+  assert len(afterwards) == len(tested)
+  for method in report["methods"]:
+    for run in method["runs"]:
+      best = improvements(run["points"])
+      assert [i for i, p in enumerate(run["points"])
+              if p["test_accuracy"] is not None] == best
   selection = {m["name"]: m["selection"] for m in report["methods"]}
   assert [s["rates"] for s in selection["train_classifier"]] == [
       {"learning_rate": 0.01}, {"learning_rate": 0.1}]
@@ -51,3 +62,17 @@ def test_the_selected_run_of_the_first_seed_is_reused(tiny_run):
   # one is its seed-0 result, not trained again.
   assert trained == [0] * (len(METHODS) + 1)
   assert sum(runs_of(m, settings) for m in METHODS) == len(trained)
+
+
+def test_every_method_but_train_all_runs_on_train_all_s_time(tiny_run):
+  _, report, _, _, _ = tiny_run
+  train_all, *others = report["methods"]
+  assert train_all["name"] == "train_all"
+  budget = train_all["runs"][0]["train_seconds"]
+  assert train_all["runs"][0]["budget_seconds"] is None
+  for method in others:
+    run, = method["runs"]
+    assert run["budget_seconds"] == budget
+    # It stops at its plan's end or at the first point past the budget.
+    within = [p for p in run["points"] if p["train_seconds"] < budget]
+    assert len(run["points"]) - len(within) <= 1

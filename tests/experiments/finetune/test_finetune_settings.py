@@ -7,7 +7,9 @@ import jax
 import pytest
 
 from experiments.finetune.settings import (
-    METHODS, QUICK, leaf_paths, leaf_roles, share_updated_every_step)
+    leaf_paths, leaf_roles, share_updated_every_step)
+from experiments.finetune.tasks import TASKS, TEXT
+from experiments.finetune.tasks.vision import METHODS, QUICK
 
 BY_NAME = {method.name: method for method in METHODS}
 
@@ -65,6 +67,44 @@ def test_share_updated_every_step(efficientnet_params):
       BY_NAME["train_all"], efficientnet_params) == 1.0
 
 
-def test_settings_refuse_an_unknown_batch_norm_mode():
+def test_settings_refuse_an_unknown_batch_norm_mode_or_task():
   with pytest.raises(ValueError, match="bn must be 'frozen' or 'train'"):
     dataclasses.replace(QUICK, bn="eval")
+  with pytest.raises(ValueError, match="task must be 'vision' or 'text'"):
+    dataclasses.replace(QUICK, task="audio")
+
+
+@pytest.mark.parametrize("name, every_step, roles", [
+    ("train_all", None, ("trained", "frozen")),
+    ("multirate_head", ("classifier",), ("fast", "slow")),
+    ("multirate_head_drift", ("classifier",), ("fast", "slow")),
+    ("multirate_last_layer", ("layer_5", "classifier"), ("fast", "slow")),
+    ("multirate_last_layer_drift", ("layer_5", "classifier"),
+     ("fast", "slow")),
+    ("train_last_layer", ("layer_5", "classifier"), ("trained", "frozen")),
+    ("train_head", ("classifier",), ("trained", "frozen")),
+])
+def test_text_method_roles_on_minilm_paths(minilm_params, name, every_step,
+                                           roles):
+  all_paths = set(leaf_paths(minilm_params))
+  expected = (all_paths if every_step is None
+              else paths_under(minilm_params, *every_step))
+  found = leaf_roles(TEXT.method(name), minilm_params)
+  assert {p for p, role in found.items() if role == roles[0]} == expected
+  assert {p for p, role in found.items() if role == roles[1]} == (
+      all_paths - expected)
+  assert "layer_5/attention/query/kernel" in paths_under(minilm_params,
+                                                         "layer_5")
+
+
+@pytest.mark.parametrize("task", list(TASKS.values()), ids=list(TASKS))
+def test_every_task_lists_train_all_first_and_a_grid_per_method(task):
+  assert task.methods[0].train_all
+  assert sum(method.train_all for method in task.methods) == 1
+  for settings in (task.quick, task.full):
+    assert settings.task == task.name
+    for method in task.methods:
+      assert set(settings.grids[method.name]) == set(method.rate_names)
+    assert settings.methods is None or "train_all" in settings.methods
+  assert task.quick.quick and not task.full.quick
+  assert len(task.full.seeds) == 3
