@@ -67,12 +67,17 @@ def parse_args(
                       help="vision: override the side of the digit images")
   parser.add_argument("--max-length", type=int,
                       help="text: override the tokens per text")
+  parser.add_argument("--clock", choices=("wall", "process"),
+                      default="wall",
+                      help="training time as wall-clock seconds (default) "
+                      "or CPU seconds of this process (all threads), which "
+                      "other jobs on a shared machine disturb much less")
   parser.add_argument("--out", type=Path, default=Path("results/finetune"),
                       help="output directory (default results/finetune)")
   args = parser.parse_args(argv)
   task = TASKS[args.task]
   settings = task.full if args.full else task.quick
-  overrides = {"bn": args.bn}
+  overrides = {"bn": args.bn, "clock": args.clock}
   if args.epochs is not None:
     overrides["epochs"] = args.epochs
   if args.seeds is not None:

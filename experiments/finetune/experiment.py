@@ -22,6 +22,8 @@ from experiments.finetune.settings import Method, Settings
 from experiments.finetune.tasks import Task
 from experiments.finetune.training import Clock
 
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
 
 def run_experiment(
     task: Task,
@@ -30,7 +32,7 @@ def run_experiment(
     methods: Optional[Sequence[Method]] = None,
     pretrained: Any = None,
     data_name: Optional[str] = None,
-    clock: Clock = time.perf_counter,
+    clock: Optional[Clock] = None,
 ) -> dict[str, Any]:
   """Runs every method; returns settings, machine, per-method results and summary.
 
@@ -44,8 +46,11 @@ def run_experiment(
     pretrained: the model to fine-tune (its classifier is replaced); default
       the task's.
     data_name: the data's name in the outputs.
-    clock: the training clock (a parameter for the tests).
+    clock: the training clock; default the one ``settings.clock`` names
+      (a parameter for the tests).
   """
+  if clock is None:
+    clock = CLOCKS[settings.clock]
   if splits is None:
     splits = task.load_splits(settings, None)
   if pretrained is None:

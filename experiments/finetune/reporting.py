@@ -189,7 +189,9 @@ def describe(task: Any, settings: Settings,
           f"train-all {settings.epochs} epochs, the others as many as fit in "
           f"its time; batch {settings.batch_size}, {task.describe(settings)}, "
           f"k = {settings.period} (unless a label says otherwise), seeds "
-          f"{list(settings.seeds)}, {rates}")
+          f"{list(settings.seeds)}, {rates}"
+          + ("; training time in CPU seconds of the process"
+             if settings.clock == "process" else ""))
 
 
 def _spread(mean: Optional[float], std: float, seeds: int) -> str:

@@ -95,6 +95,10 @@ class Settings:
     max_epochs_factor: cap on a method's planned epochs, in train-alls.
     split_seed: seed of the train/validation/test split.
     quick: a reduced run (fewer epochs, seeds, examples and grid points).
+    clock: what training time is: ``'wall'`` (wall-clock seconds) or
+      ``'process'`` (CPU seconds of this process, all its threads: on a
+      machine shared with other jobs, much less disturbed by their load than
+      wall-clock time, which stretches by however much of the CPU they take).
     image_size: vision: side of the RGB digit images.
     momentum: vision: SGD momentum of every method.
     bn: vision: ``'frozen'`` or ``'train'``, see
@@ -115,6 +119,7 @@ class Settings:
   max_epochs_factor: float = 8.0
   split_seed: int = 0
   quick: bool = False
+  clock: str = "wall"
   image_size: int = 32
   momentum: float = 0.9
   bn: str = "frozen"
@@ -126,6 +131,9 @@ class Settings:
   def __post_init__(self):
     if self.task not in ("vision", "text"):
       raise ValueError(f"task must be 'vision' or 'text', got {self.task!r}.")
+    if self.clock not in ("wall", "process"):
+      raise ValueError(
+          f"clock must be 'wall' or 'process', got {self.clock!r}.")
     if self.bn not in ("frozen", "train"):
       raise ValueError(f"bn must be 'frozen' or 'train', got {self.bn!r}.")
     if self.evaluations < 1:

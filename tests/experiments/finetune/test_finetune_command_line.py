@@ -19,7 +19,8 @@ def test_the_task_option_picks_model_data_methods_and_settings():
   assert task is TEXT and settings.task == "text" and not settings.quick
   assert settings.seeds == (0, 1, 2)
   assert [m.name for m in task.methods_in(settings)] == [
-      m.name for m in TEXT.methods]
+      m.name for m in TEXT.methods if m.name in TEXT.full.methods]
+  assert settings.clock == "wall"
   task, settings, _, _ = parse_args(["--task", "text", "--seeds", "2",
                                      "--epochs", "3", "--max-length", "32",
                                      "--methods", "train_all,train_head"])
@@ -30,6 +31,8 @@ def test_the_task_option_picks_model_data_methods_and_settings():
   _, settings, _, _ = parse_args(["--task", "text", "--full",
                                   "--fixed-rates"])
   assert settings.grids == TEXT.quick.grids and not settings.quick
+  _, settings, _, _ = parse_args(["--clock", "process"])
+  assert settings.clock == "process"
   with pytest.raises(ValueError, match="no method 'train_al'"):
     parse_args(["--methods", "train_al"])
   with pytest.raises(SystemExit):

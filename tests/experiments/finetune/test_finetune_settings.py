@@ -122,3 +122,8 @@ def test_train_all_planned_for_half_the_time_is_not_the_baseline():
       "train_all_half", "multirate_head_half",
       "multirate_last_layer_drift_half"}
   assert [m.name for m in TEXT.methods if m.train_all] == ["train_all"]
+
+
+def test_an_unknown_clock_is_refused():
+  with pytest.raises(ValueError, match="clock must be 'wall' or 'process'"):
+    dataclasses.replace(QUICK, clock="gpu")
