@@ -30,6 +30,7 @@ from multirate_optax._dispatch import Dispatch, PhaseDispatch, resolve_dispatch
 from multirate_optax._gradients import (
     checked_loss, check_loss_signature, value_and_active_grad)
 from multirate_optax._groups import FAST, SLOW
+from multirate_optax._nnx_jit import jit, value_and_grad
 from multirate_optax._timetable import find_timetable_state
 
 
@@ -194,7 +195,7 @@ class TrainStep:
     """
     engine = self._engine(optimizer)
     pure, variables = self._split(model, optimizer)
-    return self._write_back(variables, engine.switch(*pure, *args))
+    return self._write_back(variables, engine.apply(*pure, *args))
 
   def program(self, model: nnx.Module, optimizer: nnx.Optimizer, *args,
               phase: Optional[int] = None) -> jax.stages.Lowered:
@@ -214,7 +215,7 @@ def train_step(
     *,
     has_aux: bool = False,
     dispatch: Dispatch = "auto",
-    donate: bool = True,
+    donate: bool = False,
 ) -> TrainStep:
   """Builds a multirate train step for an ``nnx.Module`` and ``nnx.Optimizer``.
 
@@ -229,7 +230,10 @@ def train_step(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     dispatch: ``'cond'``, ``'host'`` or ``'auto'``, as in
       :func:`multirate_optax.train_step`.
-    donate: donate the model's and optimizer's buffers to the step.
+    donate: donate the model's and optimizer's buffers to the step, to save
+      memory: arrays read from the model and optimizer before the call (a
+      state kept with ``nnx.state``, say) are then deleted. ``False`` (the
+      default) keeps them usable.
 
   Returns:
     A :class:`TrainStep`: ``value = step(model, optimizer, *args)`` updates
