@@ -154,24 +154,70 @@ def plain_step(loss_fn, tx, fast_only: bool):
 
 
 class Runner:
-  """One variant's step and its own copy of the training state."""
+  """One variant's step and its own copy of the training state.
 
-  def __init__(self, step, params, opt_state, batch, steps_per_block: int,
-               repeats: int):
-    self.step, self.batch = step, batch
-    self.params, self.opt_state = params, opt_state
+  ``step(state, batch) -> (state, loss)``; ``arrays(state)`` is what to wait
+  for before a block starts (the state itself, by default).
+  """
+
+  def __init__(self, step, state, batch, steps_per_block: int, repeats: int,
+               arrays: Callable[[Any], Any] = lambda state: state):
+    self.step, self.state, self.batch, self.arrays = step, state, batch, arrays
     self.steps_per_block, self.repeats = steps_per_block, repeats
     self.times: list[float] = []
 
   def block(self) -> float:
     """Runs a block of steps; returns the mean time per step."""
-    jax.block_until_ready((self.params, self.opt_state))
+    jax.block_until_ready(self.arrays(self.state))
     start = time.perf_counter()
     for _ in range(self.steps_per_block):
-      self.params, self.opt_state, loss = self.step(
-          self.params, self.opt_state, self.batch)
+      self.state, loss = self.step(self.state, self.batch)
     jax.block_until_ready(loss)
     return (time.perf_counter() - start) / self.steps_per_block
+
+
+def core_runner(step, params, opt_state, batch, steps_per_block, repeats):
+  """A runner of ``params, opt_state, loss = step(params, opt_state, batch)``."""
+
+  def run(state, batch):
+    *state, loss = step(*state, batch)
+    return state, loss
+
+  return Runner(run, (params, opt_state), batch, steps_per_block, repeats)
+
+
+def linen_runner(module, loss_fn, params, tx, dispatch, batch,
+                 steps_per_block, repeats):
+  """``mo.linen.train_step`` on a ``TrainState`` of the same model."""
+  del module
+  step = mo.linen.train_step(loss_fn, dispatch=dispatch, donate=True)
+  state = mo.linen.TrainState.create(apply_fn=None, params=params, tx=tx)
+  return Runner(step, state, batch, steps_per_block, repeats)
+
+
+def nnx_runner(module, loss_fn, params, tx, dispatch, batch, steps_per_block,
+               repeats):
+  """``mo.nnx.train_step`` on the same model, wrapped by ``nnx.bridge``."""
+  del loss_fn
+  from flax import nnx
+  model = nnx.bridge.ToNNX(module, rngs=nnx.Rngs(0)).lazy_init(batch[0][:1])
+  model_params = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(model_params, params)
+  nnx.update(model, model_params)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  def loss_of_model(model, batch):
+    inputs, labels = batch
+    return optax.softmax_cross_entropy_with_integer_labels(
+        model(inputs), labels).mean()
+
+  step = mo.nnx.train_step(loss_of_model, dispatch=dispatch, donate=True)
+
+  def run(state, batch):
+    return state, step(*state, batch)
+
+  return Runner(run, (model, optimizer), batch, steps_per_block, repeats,
+                arrays=lambda state: nnx.state(state))
 
 
 def measure(runners: dict[Any, Runner]) -> dict[Any, float]:
@@ -196,26 +242,56 @@ def copy(tree):
 
 def bench_model(name: str, batch_size: int, repeats: int, cycles: int,
                 dispatches: tuple[str, ...], periods: tuple[int, ...],
-                cond_periods: tuple[int, ...], cond_repeats: int) -> list[dict]:
+                cond_periods: tuple[int, ...], cond_repeats: int,
+                flavours: tuple[str, ...]) -> tuple[list[dict], list[dict]]:
+  """The multirate rows (core step) and the Linen/NNX step rows of a model."""
   module, params, batch = make_problem(name, batch_size)
   loss_fn = make_loss(module)
   tx = optax.sgd(LEARNING_RATE, momentum=MOMENTUM)
   block = max(periods) * cycles
   runners = {
-      "full": Runner(plain_step(loss_fn, tx, False), copy(params),
-                     tx.init(params), batch, block, repeats),
-      "fast": Runner(plain_step(loss_fn, tx, True), copy(params),
-                     tx.init(params["head"]), batch, block, repeats)}
+      "full": core_runner(plain_step(loss_fn, tx, False), copy(params),
+                          tx.init(params), batch, block, repeats),
+      "fast": core_runner(plain_step(loss_fn, tx, True), copy(params),
+                          tx.init(params["head"]), batch, block, repeats)}
+
+  def multirate_tx(k):
+    return mo.multirate(optax.sgd(LEARNING_RATE / k, momentum=MOMENTUM),
+                        labels=mo.fast_by_path("^head/"), period=k)
+
   for dispatch in dispatches:
     for k in cond_periods if dispatch == "cond" else periods:
-      multi = mo.multirate(optax.sgd(LEARNING_RATE / k, momentum=MOMENTUM),
-                           labels=mo.fast_by_path("^head/"), period=k)
-      runners[dispatch, k] = Runner(
-          mo.train_step(loss_fn, multi, dispatch=dispatch), copy(params),
+      multi = multirate_tx(k)
+      runners[dispatch, k] = core_runner(
+          mo.train_step(loss_fn, multi, dispatch=dispatch, donate=True), copy(params),
           multi.init(params), batch, k * cycles,
           cond_repeats if dispatch == "cond" else repeats)
+  # The Linen and NNX steps on the same model, with 'auto' dispatch, beside
+  # the core step with the same dispatch.
+  auto = mo.resolve_dispatch("auto")
+  flavour_runners = {"linen": linen_runner, "nnx": nnx_runner}
+  for flavour in flavours:
+    for k in periods:
+      if (auto, k) not in runners:
+        runners[auto, k] = core_runner(
+            mo.train_step(loss_fn, multirate_tx(k), dispatch=auto,
+                          donate=True),
+            copy(params), multirate_tx(k).init(params), batch, k * cycles,
+            repeats)
+      tx_k = multirate_tx(k)
+      if flavour == "nnx":
+        # nnx.Optimizer labels an nnx.State: the same paths, by filter.
+        from flax import nnx
+        tx_k = mo.multirate(
+            optax.sgd(LEARNING_RATE / k, momentum=MOMENTUM),
+            labels=mo.nnx.fast_by_filter(nnx.PathContains("head")), period=k)
+      runners[flavour, auto, k] = flavour_runners[flavour](
+          module, loss_fn, copy(params), tx_k, auto, batch, k * cycles,
+          repeats)
   times = measure(runners)
   t_full, t_fast = times.pop("full"), times.pop("fast")
+  flavour_times = {key: times.pop(key) for key in list(times)
+                   if len(key) == 3}
   rows = []
   for (dispatch, k), t_step in times.items():
     ideal = t_full / ((t_full + (k - 1) * t_fast) / k)
@@ -225,7 +301,13 @@ def bench_model(name: str, batch_size: int, repeats: int, cycles: int,
                      t_step_ms=1e3 * t_step, speedup=speedup, ideal=ideal,
                      efficiency=speedup / ideal))
     print_row(rows[-1])
-  return rows
+  steps = []
+  for (flavour, dispatch, k), t_step in flavour_times.items():
+    steps.append(dict(model=name, step=flavour, dispatch=dispatch, k=k,
+                      t_step_ms=1e3 * t_step,
+                      t_core_ms=1e3 * times[dispatch, k],
+                      vs_core=t_step / times[dispatch, k]))
+  return rows, steps
 
 
 HEADER = (f"{'model':<12} {'dispatch':<8} {'k':>3} {'t_full ms':>10} "
@@ -237,6 +319,16 @@ def print_row(r: dict) -> None:
   print(f"{r['model']:<12} {r['dispatch']:<8} {r['k']:>3} {r['t_full_ms']:>10.1f} "
         f"{r['t_fast_ms']:>10.1f} {r['t_step_ms']:>10.1f} {r['speedup']:>8.2f} "
         f"{r['ideal']:>6.2f} {r['efficiency']:>6.3f}", flush=True)
+
+
+STEPS_HEADER = (f"{'model':<12} {'step':<6} {'dispatch':<8} {'k':>3} "
+                f"{'t_step ms':>10} {'core ms':>10} {'vs core':>8}")
+
+
+def print_step(r: dict) -> None:
+  print(f"{r['model']:<12} {r['step']:<6} {r['dispatch']:<8} {r['k']:>3} "
+        f"{r['t_step_ms']:>10.2f} {r['t_core_ms']:>10.2f} "
+        f"{r['vs_core']:>8.3f}", flush=True)
 
 
 def main(argv=None) -> list[dict]:
@@ -252,6 +344,10 @@ def main(argv=None) -> list[dict]:
                       help="periods measured with 'cond' dispatch (default: "
                       "--periods; with --quick on CPU only 5)")
   parser.add_argument("--batch-size", type=int, default=32)
+  parser.add_argument("--steps", nargs="*", default=["linen", "nnx"],
+                      choices=["linen", "nnx"],
+                      help="train steps measured beside the core one, with "
+                      "'auto' dispatch, on the same model")
   args = parser.parse_args(argv)
   repeats, cycles = (3, 1) if args.quick else (7, 2)
   # On CPU a conv net's slow step inside lax.cond takes seconds
@@ -266,15 +362,23 @@ def main(argv=None) -> list[dict]:
         f"devices {jax.devices()}, 'auto' dispatch = {auto!r}, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   print(HEADER)
-  rows = []
+  rows, steps = [], []
   for name in args.models:
-    rows += bench_model(name, args.batch_size, repeats, cycles,
-                        tuple(args.dispatch), tuple(args.periods),
-                        tuple(cond_periods), cond_repeats)
+    model_rows, model_steps = bench_model(
+        name, args.batch_size, repeats, cycles, tuple(args.dispatch),
+        tuple(args.periods), tuple(cond_periods), cond_repeats,
+        tuple(args.steps))
+    rows += model_rows
+    steps += model_steps
   for r in rows:
     r["auto"] = r["dispatch"] == auto
+  if steps:
+    print(STEPS_HEADER)
+    for s in steps:
+      print_step(s)
   write_json(dict(backend=jax.default_backend(), auto_dispatch=auto,
-                  jax_version=jax.__version__, quick=args.quick, rows=rows),
+                  jax_version=jax.__version__, quick=args.quick, rows=rows,
+                  steps=steps),
              args.json)
   return rows
 

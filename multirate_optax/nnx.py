@@ -10,7 +10,9 @@ not differentiated, so no backward work is done for them.
 The step splits the model and optimizer into pure pytrees (``nnx.split``) and
 runs the core step's engine on them under ``jax.jit``, as the Flax maintainers
 recommend where speed matters, then writes the results back: the dispatch
-(``'cond'``/``'host'``), compilation and refusals are the core's.
+(``'cond'``/``'host'``), compilation and refusals are the core's. The split is
+kept from call to call (a call reads and writes the variables' values in a
+flat loop) and made again when the model's or optimizer's structure changes.
 
 As with Linen (see :mod:`multirate_optax.linen`), the forward pass runs in full
 on every step: BatchNorm running statistics and rng streams advance on fast
@@ -19,8 +21,9 @@ steps too.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Optional
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Optional
 
 import jax
 import optax
@@ -98,6 +101,100 @@ def fast_by_filter(
   return labels
 
 
+class _Split(NamedTuple):
+  """A model and optimizer split into the step's pure arguments, kept.
+
+  The step's arguments are ``(params, opt_state, rest, count)``: ``params`` and
+  ``rest`` as flat lists of the variables' values (rebuilt into states inside
+  the traced step, so a call flattens no ``nnx.State``), ``opt_state`` as the
+  optimizer's pure state (the dispatch reads its count). ``variables`` lists
+  the variables of the four in that order, so that a call reads and writes
+  their values in a flat loop instead of traversing the module graph
+  (``nnx.split`` costs several times the core step's dispatch on a small
+  model). ``attributes`` is what the split saw of every mutable node of the
+  graph, to tell when it no longer holds.
+  """
+
+  model: nnx.Module
+  optimizer: nnx.Optimizer
+  graphdef: nnx.GraphDef
+  params: jax.tree_util.PyTreeDef
+  opt_state: jax.tree_util.PyTreeDef
+  rest: jax.tree_util.PyTreeDef
+  variables: list[nnx.Variable]
+  dicts: list[tuple[dict[Any, Any], tuple[Any, ...], tuple[int, ...]]]
+  lists: list[tuple[list[Any], tuple[int, ...]]]
+
+  def unchanged(self, model: nnx.Module, optimizer: nnx.Optimizer) -> bool:
+    return (model is self.model and optimizer is self.optimizer
+            and all(tuple(members) == keys
+                    and tuple(map(id, members.values())) == ids
+                    for members, keys, ids in self.dicts)
+            and all(tuple(map(id, members)) == ids
+                    for members, ids in self.lists))
+
+  def pure(self) -> tuple[Any, ...]:
+    values = [v.get_raw_value() for v in self.variables]
+    i, j = self.params.num_leaves, -1 - self.rest.num_leaves
+    return (values[:i], self.opt_state.unflatten(values[i:j]), values[j:-1],
+            values[-1])
+
+  def write_back(self, outputs: Sequence[Any]) -> Any:
+    params, opt_state, rest, count, value = outputs
+    values = [*params, *self.opt_state.flatten_up_to(opt_state), *rest, count]
+    # Variable.set_raw_value checks the trace level on every write (a few µs
+    # each, as much as the whole step of a small model): check it once, on
+    # the first, for all of them.
+    first, *others = self.variables
+    first.set_raw_value(values[0])
+    for variable, new in zip(others, values[1:], strict=True):
+      object.__setattr__(variable, "_raw_value", new)
+    return value
+
+
+def _mutable_members(*roots: Any) -> tuple[list[dict[Any, Any]], list[list[Any]]]:
+  """The attribute dicts of modules and optimizers, the dicts and the lists
+  reachable from ``roots``.
+
+  Any change to the graph's structure (a module, variable or static
+  attribute added, removed or replaced; ``model.eval()``) rebinds a member of
+  one of them; a variable's value changing is no change.
+  """
+  dicts, lists, seen, stack = [], [], set(), list(roots)
+  while stack:
+    node = stack.pop()
+    if id(node) in seen or isinstance(node, nnx.Variable):
+      continue
+    seen.add(id(node))
+    if isinstance(node, (nnx.Pytree, dict)):
+      members = vars(node) if isinstance(node, nnx.Pytree) else node
+      dicts.append(members)
+      stack.extend(members.values())
+    elif isinstance(node, (list, tuple)):
+      if isinstance(node, list):
+        lists.append(node)
+      stack.extend(node)
+  return dicts, lists
+
+
+def _split(model: nnx.Module, optimizer: nnx.Optimizer) -> _Split:
+  graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  parts = (params, optimizer.opt_state, rest)
+  variables = jax.tree.leaves((*parts, optimizer.step), is_leaf=is_variable)
+  if any(v.ref or v.hijax for v in variables):
+    raise NotImplementedError(
+        "mo.nnx.train_step does not support variables held as array "
+        "references (ref=True or hijax=True); create the model without them.")
+  dicts, lists = _mutable_members(model, optimizer)
+  return _Split(
+      model, optimizer, graphdef,
+      *(jax.tree.structure(part, is_leaf=is_variable) for part in parts),
+      variables,
+      [(d, tuple(d), tuple(map(id, d.values()))) for d in dicts],
+      [(l, tuple(map(id, l))) for l in lists])
+
+
 class TrainStep:
   """A multirate train step on an ``nnx.Module`` and its ``nnx.Optimizer``.
 
@@ -108,8 +205,11 @@ class TrainStep:
   The phase comes from the count of the timetable state inside
   ``optimizer``, as in :class:`multirate_optax.TrainStep`, with the same
   ``'cond'`` and ``'host'`` dispatch. One engine is kept per optimizer
-  transformation (``optimizer.tx``), so compiled programs and the host-side
-  count carry over from call to call.
+  transformation (``optimizer.tx``) and graph structure, so compiled programs
+  and the host-side count carry over from call to call. The split of the
+  model and optimizer is kept too, and made again only when their structure
+  changes (a submodule or variable replaced, ``model.eval()``), which each
+  call checks by the identity of every attribute.
   """
 
   def __init__(self, loss_fn: Callable[..., Any], *, has_aux: bool,
@@ -120,33 +220,39 @@ class TrainStep:
     self._has_aux = has_aux
     self.dispatch = resolve_dispatch(dispatch)
     self._donate = donate
-    self._dispatches: dict[tuple[Any, Any], PhaseDispatch] = {}
+    self._dispatches: dict[tuple[Any, ...], PhaseDispatch] = {}
+    # The split of the model and optimizer last stepped, and its engine.
+    self._kept: Optional[tuple[_Split, PhaseDispatch]] = None
 
-  def _engine(self, optimizer: nnx.Optimizer) -> PhaseDispatch:
-    if not isinstance(optimizer, nnx.Optimizer):
-      raise TypeError(
-          f"expected an nnx.Optimizer, got {type(optimizer).__name__}.")
-    key = (optimizer.tx, optimizer.wrt)
+  def _engine(self, split: _Split) -> PhaseDispatch:
+    tx, wrt = split.optimizer.tx, split.optimizer.wrt
+    key = (tx, wrt, split.graphdef, split.params, split.opt_state, split.rest)
     if key not in self._dispatches:
-      # Arguments: params, opt_state, graphdef, rest, count, *args; the
-      # outputs keep params and opt_state in the first two places.
+      # Arguments: params, opt_state, rest, count, *args; the outputs keep
+      # the first four in their places.
       self._dispatches[key] = PhaseDispatch(
-          lambda phase, *pure: self._step_of_phase(*key, phase, *pure),
+          functools.partial(self._step_of_phase, tx, wrt, split.graphdef,
+                            split.params, split.rest),
           state_argnum=1, dispatch=self.dispatch,
-          donate_argnums=(0, 1, 3, 4) if self._donate else ())
+          donate_argnums=(0, 1, 2, 3) if self._donate else ())
     return self._dispatches[key]
 
   def _step_of_phase(self, tx: optax.GradientTransformation,
-                     wrt: nnx.filterlib.Filter, phase: int,
-                     params, opt_state, graphdef, rest, count, *args):
+                     wrt: nnx.filterlib.Filter, graphdef: nnx.GraphDef,
+                     params_structure: jax.tree_util.PyTreeDef,
+                     rest_structure: jax.tree_util.PyTreeDef, phase: int,
+                     params, opt_state, rest, count, *args):
     """The pure step of one phase on the split model and optimizer."""
     check_loss_signature(self._loss_fn, len(args))
+    params = params_structure.unflatten(params)
+    rest = rest_structure.unflatten(rest)
     user_loss = checked_loss(self._loss_fn, self._has_aux)
 
     def loss(params, rest, *args):
       model = nnx.merge(graphdef, params, rest)
       value = user_loss(model, *args)
       _, _, new_rest = nnx.split(model, wrt, ...)
+      new_rest = nnx.as_pure(new_rest)
       loss_value = value[0] if self._has_aux else value
       return loss_value, (value, new_rest)
 
@@ -155,47 +261,36 @@ class TrainStep:
             params, rest, *args)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    return params, opt_state, rest, optax.safe_increment(count), value
+    return (params_structure.flatten_up_to(params), opt_state,
+            rest_structure.flatten_up_to(rest), optax.safe_increment(count),
+            value)
 
-  @staticmethod
-  def _split(model: nnx.Module, optimizer: nnx.Optimizer):
-    """The step's pure arguments, and the variables its outputs go back to.
-
-    The variables are listed in the order of the leaves of the outputs
-    ``(params, opt_state, rest, count)``, so that writing back is one
-    ``set_value`` per leaf rather than a traversal of the module graph.
-    """
-    graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
-    parts = (params, optimizer.opt_state, rest, optimizer.step)
-    # Variables that hold no array (optax.MaskedNode in a partitioned
-    # optimizer state) have no leaf in the outputs.
-    variables = [
-        v for v in jax.tree.leaves(
-            parts, is_leaf=lambda x: isinstance(x, nnx.Variable))
-        if jax.tree.leaves(v.get_value())]
-    params, opt_state, rest, count = nnx.as_pure(parts)
-    return (params, opt_state, graphdef, rest, count), variables
-
-  @staticmethod
-  def _write_back(variables, outputs):
-    *parts, value = outputs
-    for variable, new in zip(variables, jax.tree.leaves(parts), strict=True):
-      variable.set_value(new)
-    return value
+  def _kept_split(self, model: nnx.Module, optimizer: nnx.Optimizer
+                  ) -> tuple[_Split, PhaseDispatch]:
+    if not isinstance(optimizer, nnx.Optimizer):
+      raise TypeError(
+          f"expected an nnx.Optimizer, got {type(optimizer).__name__}.")
+    if self._kept is None or not self._kept[0].unchanged(model, optimizer):
+      split = _split(model, optimizer)
+      self._kept = (split, self._engine(split))
+    return self._kept
 
   def __call__(self, model: nnx.Module, optimizer: nnx.Optimizer, *args):
-    engine = self._engine(optimizer)
-    pure, variables = self._split(model, optimizer)
-    return self._write_back(variables, engine(*pure, *args))
+    split, engine = self._kept_split(model, optimizer)
+    return split.write_back(engine(*split.pure(), *args))
 
   def apply(self, model: nnx.Module, optimizer: nnx.Optimizer, *args):
     """The step choosing the phase with ``jax.lax.switch``, traceable.
 
     Use it inside your own ``nnx.jit`` (or ``jax.jit`` over split state).
     """
-    engine = self._engine(optimizer)
-    pure, variables = self._split(model, optimizer)
-    return self._write_back(variables, engine.apply(*pure, *args))
+    if not isinstance(optimizer, nnx.Optimizer):
+      raise TypeError(
+          f"expected an nnx.Optimizer, got {type(optimizer).__name__}.")
+    # Under a transformation the model and optimizer are fresh copies on each
+    # trace: nothing to keep.
+    split = _split(model, optimizer)
+    return split.write_back(self._engine(split).apply(*split.pure(), *args))
 
   def program(self, model: nnx.Module, optimizer: nnx.Optimizer, *args,
               phase: Optional[int] = None) -> jax.stages.Lowered:
@@ -206,8 +301,8 @@ class TrainStep:
       phase: the phase whose ``'host'`` program to return; ``None`` returns
         the single ``lax.switch`` program of ``'cond'``.
     """
-    pure, _ = self._split(model, optimizer)
-    return self._engine(optimizer).program(*pure, *args, phase=phase)
+    split, engine = self._kept_split(model, optimizer)
+    return engine.program(*split.pure(), *args, phase=phase)
 
 
 def train_step(

@@ -32,6 +32,15 @@ def test_step_speed_writes_its_table_as_json(tmp_path, capsys):
     assert r["efficiency"] == pytest.approx(r["speedup"] / r["ideal"])
   assert "eff." in capsys.readouterr().out
   assert sum(r["auto"] for r in rows) == 1
+  # The Linen and NNX steps beside the core one, same model, 'auto' dispatch.
+  auto = report["auto_dispatch"]
+  steps = report["steps"]
+  assert [(s["step"], s["dispatch"], s["k"]) for s in steps] == [
+      ("linen", auto, 3), ("nnx", auto, 3)]
+  core = next(r for r in rows if r["dispatch"] == auto)
+  for s in steps:
+    assert s["t_core_ms"] == core["t_step_ms"]
+    assert s["vs_core"] == pytest.approx(s["t_step_ms"] / s["t_core_ms"])
 
 
 # --- The PyTorch peer's recipe, on a tiny model. ---

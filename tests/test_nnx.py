@@ -227,6 +227,66 @@ def test_apply_inside_nnx_jit_warns_that_it_is_cond_dispatch():
     nnx.jit(step.apply)(model, optimizer, batches(1)[0])
 
 
+def _pure(*nodes):
+  """The arrays of ``nodes``, rng keys as their key data."""
+  def to_numpy(x):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.random.key_data(x)
+    return np.array(x)
+  return jax.tree.map(to_numpy, nnx.to_pure_dict(nnx.state(nodes)))
+
+
+def _copy(node):
+  """A clone of ``node`` with its own buffers (the step donates them)."""
+  node = nnx.clone(node)
+  nnx.update(node, jax.tree.map(jnp.copy, nnx.state(node)))
+  return node
+
+
+@pytest.mark.parametrize("change", ["submodule", "variable", "static"])
+def test_structure_changed_between_steps_is_followed(change, monkeypatch):
+  """The kept split is made again when the graph changes, and only then."""
+  splits = [0]
+  split = mo.nnx._split
+
+  def counting_split(*args):
+    splits[0] += 1
+    return split(*args)
+
+  monkeypatch.setattr(mo.nnx, "_split", counting_split)
+  data = batches(8)
+  model = StoredRngNet()
+  optimizer = nnx.Optimizer(model, multirate_tx(2), wrt=nnx.Param)
+  step = mo.nnx.train_step(nnx_loss, dispatch="host")
+  for batch in data[:3]:
+    step(model, optimizer, batch)
+  # A value replaced from outside (a restored checkpoint) is no change.
+  nnx.update(model, jax.tree.map(jnp.array, nnx.state(model)))
+  step(model, optimizer, data[3])
+  assert splits[0] == 1
+  if change == "submodule":
+    model.head = nnx.Linear(16, 3, rngs=nnx.Rngs(7))
+  elif change == "variable":
+    model.layer0.kernel = nnx.Param(model.layer0.kernel[...] * 2)
+  else:
+    model.dropout.deterministic = True
+  # What the step must do from here: what a new step does on a copy.
+  want_model, want_optimizer = map(_copy, (model, optimizer))
+  want_step = mo.nnx.train_step(nnx_loss, dispatch="host")
+  before = _pure(model)
+  losses, want_losses = [], []
+  for batch in data[4:]:
+    losses.append(np.array(step(model, optimizer, batch)))
+    want_losses.append(np.array(want_step(want_model, want_optimizer, batch)))
+  assert splits[0] == 3  # Once for the change, once for the new step.
+  chex.assert_trees_all_equal(losses, want_losses)
+  chex.assert_trees_all_equal(_pure(model, optimizer),
+                              _pure(want_model, want_optimizer))
+  # The head is fast: it moved on every step, the new one included.
+  assert not np.array_equal(_pure(model)[0]["head"]["kernel"],
+                            before[0]["head"]["kernel"])
+
+
 class TestBadInput:
 
   def test_value_and_grad_outside_multirate_jit(self):

@@ -95,8 +95,8 @@ def run_method(task: Task, method: Method, pretrained: Any, splits: Splits,
     pretrained: the task's pretrained model.
     splits: the data.
     settings: the run's settings.
-    budgets: training seconds allowed on each seed (train-all's times);
-      ``None`` for train-all itself, or to run every method for
+    budgets: train-all's training seconds on each seed; the method is
+      allowed ``method.budget_fraction`` of them. ``None`` for train-all itself, or to run every method for
       ``settings.epochs``.
     progress: advanced by one per training run.
     clock: the training clock (a parameter for the tests).
@@ -128,9 +128,12 @@ def run_method(task: Task, method: Method, pretrained: Any, splits: Splits,
       clock=clock)
 
   def plan(seed: int) -> Plan:
-    budget = None if budgets is None else budgets[seed]
+    budget = (None if budgets is None
+              else budgets[seed] * method.budget_fraction)
     steps = planned_steps(budget, step_seconds, epoch_steps,
                           settings.max_epochs_factor)
+    if budget is None:  # No train-all to time: the share of its epochs.
+      steps = max(1, round(steps * method.budget_fraction))
     return Plan(steps, evaluation_interval(steps, settings.evaluations),
                 budget, step_cap(epoch_steps, settings.max_epochs_factor))
 

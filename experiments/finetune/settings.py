@@ -35,6 +35,9 @@ class Method:
       being slow; ``None`` for a plain method.
     drift: multirate with linear drift.
     period: multirate: k, if not the settings' one.
+    budget_fraction: the share of train-all's time the method plans to
+      fill (its rates decay over that plan, and it stops there); below 1 for
+      a run meant to be finished, not interrupted, at an earlier budget.
     rate_names: the learning rates the task's optimizer takes for this
       method (each picked from a grid on validation).
   """
@@ -44,7 +47,13 @@ class Method:
   fast: Optional[tuple[str, ...]] = None
   drift: bool = False
   period: Optional[int] = None
+  budget_fraction: float = 1.0
   rate_names: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    if not 0.0 < self.budget_fraction <= 1.0:
+      raise ValueError(f"budget_fraction of {self.name!r} must be in (0, 1], "
+                       f"got {self.budget_fraction!r}.")
 
   @property
   def multirate(self) -> bool:
@@ -54,7 +63,8 @@ class Method:
   def train_all(self) -> bool:
     """Every parameter trained on every step: the baseline whose time is
     every other method's budget."""
-    return not self.multirate and self.trained is None
+    return (not self.multirate and self.trained is None
+            and self.budget_fraction == 1.0)
 
   def period_in(self, settings: Settings) -> int:
     """k of this method under ``settings``."""

@@ -88,7 +88,8 @@ def tiny_splits():
 # methods that name layer_5 are tested on MiniLM's own paths instead.
 TINY_MINILM = MiniLMConfig(vocab_size=64, max_positions=16, hidden_size=8,
                            num_layers=2, num_heads=2, intermediate_size=16)
-TINY_TEXT_METHODS = ("train_all", "multirate_head", "train_head")
+TINY_TEXT_METHODS = ("train_all", "multirate_head", "train_head",
+                     "multirate_head_half")
 
 
 @pytest.fixture(scope="session")
@@ -201,7 +202,8 @@ def tiny_run(tiny_pretrained, tiny_splits, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_text_run(tiny_text_pretrained, tiny_text_splits, tmp_path_factory):
   """A whole text run on the tiny encoder (train-all, multirate with the head
-  fast, head only); ``(settings, report, paths)``."""
+  fast, head only, multirate planned for half of train-all's time);
+  ``(settings, report, paths)``."""
   settings = make_tiny_settings(TEXT, methods=TINY_TEXT_METHODS)
   report = run_experiment(TEXT, settings, tiny_text_splits,
                           pretrained=tiny_text_pretrained)

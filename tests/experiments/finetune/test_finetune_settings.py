@@ -108,3 +108,17 @@ def test_every_task_lists_train_all_first_and_a_grid_per_method(task):
     assert settings.methods is None or "train_all" in settings.methods
   assert task.quick.quick and not task.full.quick
   assert len(task.full.seeds) == 3
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.5, 1.5])
+def test_a_budget_fraction_outside_0_1_is_refused(fraction):
+  with pytest.raises(ValueError, match="budget_fraction of 'x' must be in"):
+    dataclasses.replace(METHODS[0], name="x", budget_fraction=fraction)
+
+
+def test_train_all_planned_for_half_the_time_is_not_the_baseline():
+  halves = [m for m in TEXT.methods if m.budget_fraction < 1]
+  assert {m.name for m in halves} == {
+      "train_all_half", "multirate_head_half",
+      "multirate_last_layer_drift_half"}
+  assert [m.name for m in TEXT.methods if m.train_all] == ["train_all"]
