@@ -156,10 +156,11 @@ def nnx_steps(flax_example, multirate_example):
     metrics = nnx.MultiMetric(accuracy=nnx.metrics.Accuracy(),
                               loss=nnx.metrics.Average("loss"))
     rngs = nnx.Rngs(0)
-    steps[name] = (lambda example=example, model=model, optimizer=optimizer,
-                   metrics=metrics, rngs=rngs: (
-                       example.train_step(model, optimizer, metrics, batch,
-                                          rngs), metrics.count[...])[1])
+    def step(example=example, model=model, optimizer=optimizer,
+             metrics=metrics, rngs=rngs):
+      example.train_step(model, optimizer, metrics, batch, rngs)
+      return optimizer.step[...]
+    steps[name] = step
   return steps
 
 
@@ -231,6 +232,8 @@ def main(argv=None) -> None:
   parser.add_argument("--epochs", type=int, default=None)
   parser.add_argument("--train-size", type=int, default=None)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--steps-only", action="store_true",
+                      help="measure the median steps only")
   parser.add_argument("--json", type=Path, default=None)
   args = parser.parse_args(argv)
   epochs = args.epochs or (3 if args.quick else 10)
@@ -243,12 +246,13 @@ def main(argv=None) -> None:
       rows += transformer_rows(epochs, chosen)
       continue
     flax_example = load_example(f"mnist_{example}")
-    base = run(flax_example, epochs, args.train_size)
-    base.update(example=example, optimizer="flax", protocol="equal epochs")
-    rows.append(base)
-    print(f"{example:8} {'flax':12} {epochs:6d} {base['train_s']:8.1f} "
-          f"{base['test_acc']:11.2f}")
-    for recipe in chosen:
+    if not args.steps_only:
+      base = run(flax_example, epochs, args.train_size)
+      base.update(example=example, optimizer="flax", protocol="equal epochs")
+      rows.append(base)
+      print(f"{example:8} {'flax':12} {epochs:6d} {base['train_s']:8.1f} "
+            f"{base['test_acc']:11.2f}")
+    for recipe in [] if args.steps_only else chosen:
       converted = with_multirate(load_example(f"mnist_{example}_multirate"),
                                  recipes()[recipe])
       same = run(converted, epochs, args.train_size)

@@ -107,7 +107,8 @@ def test_batch_norm_and_dropout_on_fast_steps():
         apply_fn=BatchNormNet().apply, params=params, batch_stats=stats,
         tx=mo.multirate(optax.sgd(H / period, momentum=MU),
                         optax.sgd(H, momentum=MU),
-                        labels=mo.fast_by_path("^head/"), period=period))
+                        labels=mo.fast_by_path("^head/"), period=period,
+                        drift=False))
     step = mo.linen.train_step(batch_norm_loss, dispatch=dispatch, donate=False)
     history, stat_history = [], []
     for batch, key in zip(data, keys):
