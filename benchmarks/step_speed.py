@@ -190,14 +190,9 @@ def linen_runner(module, loss_fn, params, tx, dispatch, batch,
                  steps_per_block, repeats):
   """``mo.linen.train_step`` on a ``TrainState`` of the same model."""
   del module
-  step = mo.linen.train_step(
-      lambda params, batch_stats, batch, rng: (loss_fn(params, batch),
-                                               batch_stats),
-      dispatch=dispatch)
+  step = mo.linen.train_step(loss_fn, dispatch=dispatch, donate=True)
   state = mo.linen.TrainState.create(apply_fn=None, params=params, tx=tx)
-  rng = jax.random.key(0)
-  return Runner(lambda state, batch: step(state, batch, rng), state, batch,
-                steps_per_block, repeats)
+  return Runner(step, state, batch, steps_per_block, repeats)
 
 
 def nnx_runner(module, loss_fn, params, tx, dispatch, batch, steps_per_block,
@@ -216,7 +211,7 @@ def nnx_runner(module, loss_fn, params, tx, dispatch, batch, steps_per_block,
     return optax.softmax_cross_entropy_with_integer_labels(
         model(inputs), labels).mean()
 
-  step = mo.nnx.train_step(loss_of_model, dispatch=dispatch)
+  step = mo.nnx.train_step(loss_of_model, dispatch=dispatch, donate=True)
 
   def run(state, batch):
     return state, step(*state, batch)
@@ -268,7 +263,7 @@ def bench_model(name: str, batch_size: int, repeats: int, cycles: int,
     for k in cond_periods if dispatch == "cond" else periods:
       multi = multirate_tx(k)
       runners[dispatch, k] = core_runner(
-          mo.train_step(loss_fn, multi, dispatch=dispatch), copy(params),
+          mo.train_step(loss_fn, multi, dispatch=dispatch, donate=True), copy(params),
           multi.init(params), batch, k * cycles,
           cond_repeats if dispatch == "cond" else repeats)
   # The Linen and NNX steps on the same model, with 'auto' dispatch, beside
@@ -279,7 +274,8 @@ def bench_model(name: str, batch_size: int, repeats: int, cycles: int,
     for k in periods:
       if (auto, k) not in runners:
         runners[auto, k] = core_runner(
-            mo.train_step(loss_fn, multirate_tx(k), dispatch=auto),
+            mo.train_step(loss_fn, multirate_tx(k), dispatch=auto,
+                          donate=True),
             copy(params), multirate_tx(k).init(params), batch, k * cycles,
             repeats)
       tx_k = multirate_tx(k)

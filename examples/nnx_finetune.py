@@ -11,9 +11,9 @@ layer with dropout) is first trained for a few epochs on the digits 0-4 only.
 It then gets a fresh 10-way head and is fine-tuned on all ten digits with
 multirate SGD with momentum inside an ``nnx.Optimizer``: the parameters that
 the filter ``nnx.PathContains('head')`` selects are fast (updated every step,
-step size h/k), the body is slow (updated every k-th step with step size h).
-On the other steps the body is not differentiated at all, so those steps are
-cheaper. The progress bar shows the loss, the step time and which steps are
+step size h/k), the body is slow (one step of size h per cycle of k steps,
+spread over it). On the other steps the body is not differentiated at all, so
+those steps are cheaper. The progress bar shows the loss, the step time and which steps are
 slow; at the end the script prints the mean time of slow and of fast steps and
 the test accuracy. ``--period 1`` fine-tunes every parameter on every step, to
 compare.
@@ -105,9 +105,9 @@ def accuracy(model: CNN, x, y) -> float:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--period", type=int, default=4,
-                      help="k: the body is updated every k-th step")
+                      help="k: the body's gradient is taken every k-th step")
   parser.add_argument("--lr", type=float, default=0.2,
-                      help="h: the body's step size; the head's is h/k")
+                      help="h: the body's step per cycle; the head's is h/k")
   parser.add_argument("--epochs", type=int, default=15)
   parser.add_argument("--pretrain-epochs", type=int, default=5)
   parser.add_argument("--batch-size", type=int, default=64)
@@ -121,6 +121,7 @@ def main():
   # The pretrained body with a fresh 10-way head.
   model.head = nnx.Linear(64, 10, rngs=nnx.Rngs(args.seed + 2))
   tx = mo.multirate(optax.sgd(args.lr / args.period, momentum=0.9),
+                    optax.sgd(args.lr, momentum=0.9),
                     labels=mo.nnx.fast_by_filter(nnx.PathContains("head")),
                     period=args.period)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Optional
 
@@ -79,8 +80,7 @@ class PhaseDispatch:
     self._phase_program = jax.jit(
         step_of_phase, static_argnums=0,
         donate_argnums=tuple(i + 1 for i in donate_argnums))
-    self._count: Optional[int] = None
-    self._last_count: Optional[jax.Array] = None
+    self._host_count = HostCount(donated=self._donated)
 
   def switch(self, *args) -> Sequence[Any]:
     """The step of every phase, one picked with ``jax.lax.switch``; traceable."""
@@ -89,6 +89,26 @@ class PhaseDispatch:
     branches = [functools.partial(self._step_of_phase, phase)
                 for phase in range(len(timetable.phases))]
     return jax.lax.switch(timetable.phase(state.count), branches, *args)
+
+  def apply(self, *args) -> Sequence[Any]:
+    """:meth:`switch` for a step's ``apply``, warning where it is slow.
+
+    ``'auto'`` resolves to ``'host'`` on CPU because the ``lax.switch``
+    program is slow there for conv nets; ``apply`` is that program, so it
+    says so rather than switching silently.
+    """
+    if self.dispatch == "host":
+      warnings.warn(
+          "apply runs every phase in one lax.switch program ('cond' "
+          "dispatch), but this step was built for 'host' dispatch (what "
+          "'auto' picks on CPU, where XLA runs convolution weight gradients "
+          "inside a conditional on a slow path, jax-ml/jax#12868). For your "
+          "own jitted NNX step with host dispatch, decorate it with "
+          "multirate_optax.nnx.jit and take gradients with multirate_optax."
+          "nnx.value_and_grad; otherwise call the step itself, or build it "
+          "with dispatch='cond' to use apply without this warning.",
+          stacklevel=3)
+    return self.switch(*args)
 
   def program(self, *args, phase: Optional[int] = None) -> jax.stages.Lowered:
     """The lowered program of ``phase``, or the ``lax.switch`` one if ``None``."""
@@ -99,20 +119,44 @@ class PhaseDispatch:
   def __call__(self, *args) -> Sequence[Any]:
     if self.dispatch == "cond":
       return self._run(self._switch_program, args)
-    phase = self._host_phase(locate_timetable_state(args[self._state_argnum]))
+    phase = self._host_count.phase(
+        locate_timetable_state(args[self._state_argnum]))
     outputs = self._run(functools.partial(self._phase_program, phase), args)
-    self._count += 1
-    self._last_count = locate_timetable_state(
-        outputs[self._state_argnum]).state.count
+    self._host_count.advance(locate_timetable_state(
+        outputs[self._state_argnum]).state.count)
     return outputs
 
-  def _host_phase(self, located: Located) -> int:
-    """The phase of the step about to run, from the host-side count.
+  def _run(self, program: Callable[..., Any], args: Sequence[Any]):
+    try:
+      return program(*args)
+    except (RuntimeError, ValueError) as e:
+      for leaf in jax.tree.leaves(args):
+        self._host_count.check_not_donated(leaf, e)
+      raise
 
-    The count is read from the device only when the state passed in does not
-    hold the count array the last call returned (the first call, a restored
-    checkpoint, a state from elsewhere); otherwise it is advanced on the host.
-    """
+
+class HostCount:
+  """A host-side copy of a timetable state's count, read from the device once.
+
+  The count is read only when the state does not hold the count array
+  recorded by the last :meth:`advance` (the first step, a restored
+  checkpoint, a state from elsewhere); otherwise it is advanced on the host,
+  with no device-to-host transfer. It refuses what would make the copy
+  wrong: a count inside a wrapper that may skip updates, a traced count, and
+  a count whose buffer was donated.
+
+  Args:
+    donated: whether the step that uses it donates its arguments (for the
+      error message).
+  """
+
+  def __init__(self, *, donated: bool = False):
+    self._donated = donated
+    self._count: Optional[int] = None
+    self._last_count: Optional[jax.Array] = None
+
+  def phase(self, located: Located) -> int:
+    """The phase of the step about to run on the state ``located`` is in."""
     count = located.state.count
     if count is not self._last_count:
       if isinstance(count, jax.core.Tracer):
@@ -121,7 +165,8 @@ class PhaseDispatch:
             "transformation (jax.jit, nnx.jit, scan, ...), where the step "
             "count is not known on the host: build the step with "
             "dispatch='cond', or call its .apply method (one lax.switch "
-            "program) inside your own jit.")
+            "program) inside your own jit; for your own NNX step with host "
+            "dispatch, decorate it with multirate_optax.nnx.jit.")
       # Exact types: every optax state is a NamedTuple, a tuple subclass.
       refused = [t for t in located.enclosing
                  if t not in _ADVANCES_ONCE_PER_UPDATE]
@@ -133,25 +178,21 @@ class PhaseDispatch:
             "apply_if_finite, MultiSteps and conditionally_mask skip updates), "
             "so the host-side count could drift from it: use dispatch='cond', "
             "or put the wrapper inside the optimizers of the groups.")
-      self._check_not_donated(count)
+      self.check_not_donated(count)
       self._count = int(count)
     return located.state.timetable.phase(self._count)
 
-  def _run(self, program: Callable[..., Any], args: Sequence[Any]):
-    try:
-      return program(*args)
-    except (RuntimeError, ValueError) as e:
-      for leaf in jax.tree.leaves(args):
-        self._check_not_donated(leaf, e)
-      raise
+  def advance(self, new_count: jax.Array) -> None:
+    """Records one step taken, which returned the count array ``new_count``."""
+    self._count += 1
+    self._last_count = new_count
 
-  def _check_not_donated(self, leaf: Any,
-                         error: Optional[Exception] = None) -> None:
+  def check_not_donated(self, leaf: Any,
+                        error: Optional[Exception] = None) -> None:
     if isinstance(leaf, jax.Array) and leaf.is_deleted():
       raise ValueError(
           "the train step was given a state whose buffers were already "
           "donated to an earlier call"
-          + (" of a step built with donate=True (the default)"
-             if self._donated else "")
+          + (" of a step built with donate=True" if self._donated else "")
           + ": pass the state that call returned, or build the step with "
-          "donate=False to keep earlier states usable.") from error
+          "donate=False (the default) to keep earlier states usable.") from error

@@ -33,26 +33,36 @@ def check_loss_signature(loss_fn: Callable[..., Any], num_args: int) -> None:
         f"{e}.") from None
 
 
+def describe(value: Any) -> str:
+  """What ``value`` is, in words for an error message (tracers included)."""
+  if isinstance(value, tuple):
+    return f"a tuple of {len(value)}"
+  shape = getattr(value, "shape", None)
+  if shape is None:
+    return f"a {type(value).__name__}"
+  return "a scalar array" if shape == () else f"an array of shape {shape}"
+
+
 def checked_loss(loss_fn: Callable[..., Any], has_aux: bool):
   """``loss_fn``, raising a clear TypeError when its output is not a loss."""
   def loss(params, *args):
     out = loss_fn(params, *args)
     if has_aux:
       if not (isinstance(out, tuple) and len(out) == 2):
+        hint = ("; if it returns the loss alone, build the step with "
+                "has_aux=False" if getattr(out, "shape", None) == () else "")
         raise TypeError(
             "with has_aux=True, loss_fn must return (loss, aux), got "
-            f"{type(out).__name__}.")
+            f"{describe(out)}{hint}.")
       value = out[0]
     else:
       value = out
     shape = getattr(value, "shape", None)
     if shape != ():
-      found = (f"a {type(value).__name__}" if shape is None
-               else f"an array of shape {shape}")
       hint = ("" if has_aux or not isinstance(out, tuple)
               else "; if it returns (loss, aux), pass has_aux=True")
       raise TypeError(
-          f"loss_fn must return a scalar loss, got {found}{hint}.")
+          f"loss_fn must return a scalar loss, got {describe(value)}{hint}.")
     return out
 
   return loss

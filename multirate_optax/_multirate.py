@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import warnings
 from typing import Optional
 
 import jax.numpy as jnp
@@ -10,7 +12,8 @@ import numpy as np
 import optax
 
 from multirate_optax._checks import real_number, whole_number
-from multirate_optax._groups import FAST, SLOW, Labels, resolve_labels
+from multirate_optax._groups import (
+    FAST, SLOW, Labels, leaf_paths, resolve_labels)
 from multirate_optax._timetable import Step, Timetable
 from multirate_optax._timetabled import gated, timetabled
 
@@ -48,7 +51,7 @@ def multirate(
     *,
     labels: Labels,
     period: int,
-    drift: bool = False,
+    drift: bool = True,
     slow_scale: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Multirate training: fast parameters every step, slow ones every ``period``.
@@ -59,23 +62,30 @@ def multirate(
   :func:`optax.partition`:
 
   * the fast optimizer updates the fast parameters on every step;
-  * without drift, the slow optimizer updates the slow parameters on slow steps
-    only, its update multiplied by ``slow_scale`` (default ``period``, so that
-    with the same optimizer for both groups the slow step size is
-    ``h_S = period * h_F`` as in Vlaar & Leimkuhler). On fast steps the slow
-    parameters get exactly zero update and the slow optimizer state is left
-    untouched (momentum not decayed, count not advanced), whatever gradients
-    arrive for them;
-  * with ``drift=True`` the slow update computed on a slow step is held and
-    applied on every step of its cycle (``slow_scale`` defaults to 1: per step
-    ``h_S = h_F``, over a cycle the same total as without drift).
+  * the slow optimizer updates the slow parameters once per cycle of
+    ``period`` steps, from the gradient of the cycle's slow step: with drift
+    (the default), spread evenly over the cycle (the slow update is held and
+    applied on every step, times ``1 / period``); with ``drift=False``, all
+    on the slow step. Either way the slow parameters move by one update of
+    the slow optimizer per cycle: with ``optax.sgd(h)`` for both groups,
+    ``h_F = h`` per step and ``h_S = h`` per cycle. On fast steps the slow
+    optimizer state is left untouched (momentum not decayed, count not
+    advanced), whatever gradients arrive for the slow parameters.
 
-  Give both optimizers the fast rate ``h_F = h / period`` to get the paper's
-  method with step size ``h``. Learning-rate schedules: the fast optimizer's
-  count advances on every step, so its schedules see the global step. The
-  slow optimizer's count advances on slow steps only, so its schedules see the
-  number of slow updates so far, ``t // period`` (with or without drift); wrap
-  a schedule written in global steps with :func:`in_slow_steps`.
+  Rates: pass the optimizer you would train with; it is the fast optimizer,
+  and the slow one unless ``slow`` is given. Vlaar & Leimkuhler's method with
+  step size ``h`` is ``multirate(optax.sgd(h / period), optax.sgd(h), ...)``
+  (``h_F = h / k``, ``h_S = h``). ``slow_scale`` multiplies the slow updates;
+  a slow move of more than one slow-optimizer step per cycle (``slow_scale``
+  above 1, or above ``1 / period`` with drift) applies a stale gradient with
+  a large step and diverged when training from scratch here, so it warns:
+  give the slow optimizer a larger rate instead if you mean it.
+
+  Learning-rate schedules: the fast optimizer's count advances on every step,
+  so its schedules see the global step. The slow optimizer's count advances
+  on slow steps only, so its schedules see the number of slow updates so far,
+  ``t // period`` (with or without drift); wrap a schedule written in global
+  steps with :func:`in_slow_steps`.
 
   On fast steps the gradients of slow parameters are ignored, so a train step
   need not compute them: :func:`multirate_optax.train_step` does not.
@@ -90,9 +100,12 @@ def multirate(
       :func:`fast_by_depth`.
     period: ``k >= 1``, the number of steps between slow updates. ``period=1``
       updates every parameter on every step.
-    drift: apply the slow update on every step of its cycle (linear drift).
-    slow_scale: factor on the slow optimizer's updates; default ``period``
-      without drift and 1 with drift.
+    drift: spread the slow update over the steps of its cycle (linear
+      drift; the default: it trained from scratch where the update at once
+      lost 8 points, and fine-tuned as well or better, see the README).
+    slow_scale: factor on the slow optimizer's updates as applied on each
+      step that moves the slow parameters; default 1 without drift and
+      ``1 / period`` with drift (one slow update per cycle).
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -110,7 +123,7 @@ def multirate(
     ...   updates, state = tx.update(grads, state, params)
     ...   params = optax.apply_updates(params, updates)
     >>> [round(float(params[k][0]), 4) for k in ('body', 'head')]
-    [0.42, 0.439]
+    [0.805, 0.439]
 
   References:
     Vlaar & Leimkuhler, `Multirate Training of Neural Networks
@@ -119,18 +132,33 @@ def multirate(
   timetable = MultirateTimetable(period)
   slow = fast if slow is None else slow
   if slow_scale is None:
-    slow_scale = 1.0 if drift else float(timetable.period)
-  slow_scale = real_number(slow_scale, "slow_scale")
+    slow_scale = 1.0 / timetable.period if drift else 1.0
+  else:
+    slow_scale = real_number(slow_scale, "slow_scale")
+    per_cycle = slow_scale * (timetable.period if drift else 1)
+    if isinstance(per_cycle, numbers.Real) and per_cycle > 1:
+      warnings.warn(
+          f"slow_scale={slow_scale:g} moves the slow parameters by "
+          f"{per_cycle:g} updates of the slow optimizer per cycle of "
+          f"{timetable.period} steps, from one stale gradient; that diverged "
+          "when training from scratch (see the README's rates section). If "
+          "you mean a larger slow step, give the slow optimizer a larger rate "
+          "(multirate(fast, slow, ...)) and leave slow_scale at its default.",
+          stacklevel=2)
 
   def labels_of(params) -> tuple[str, ...]:
     resolved = resolve_labels(labels, params, (FAST, SLOW))
     for group in (FAST, SLOW):
       if group not in resolved:
         other = SLOW if group == FAST else FAST
+        paths = leaf_paths(params)
         raise ValueError(
             f"no parameter is labelled {group!r}: multirate needs fast and slow "
             f"parameters, and the labels gave {other!r} to all "
-            f"{len(resolved)} leaves. (Inside optax.inject_hyperparams, a "
+            f"{len(resolved)} leaves, whose paths (what fast_by_path's "
+            f"pattern is searched in) are {paths[:12]}"
+            + (" ..." if len(paths) > 12 else "") + ". Label at least one "
+            f"parameter {group!r}. (Inside optax.inject_hyperparams, a "
             "callable labels argument must be named in static_args, or it is "
             "called with the step count.)")
     return resolved

@@ -65,7 +65,7 @@ class TrainStep:
 
     Pure and traceable: use it inside your own ``jax.jit`` or ``lax.scan``.
     """
-    return self._dispatch.switch(params, opt_state, *args)
+    return self._dispatch.apply(params, opt_state, *args)
 
   def program(self, params: PyTree, opt_state: PyTree, *args,
               phase: Optional[int] = None) -> jax.stages.Lowered:
@@ -88,7 +88,7 @@ def train_step(
     *,
     has_aux: bool = False,
     dispatch: Dispatch = "auto",
-    donate: bool = True,
+    donate: bool = False,
 ) -> TrainStep:
   """Builds a compiled train step that skips the backward pass of inactive groups.
 
@@ -112,9 +112,10 @@ def train_step(
       CPU, where XLA runs conv weight gradients inside a conditional on a slow
       path); ``'auto'`` (default) is ``'host'`` on CPU and ``'cond'``
       elsewhere.
-    donate: donate the parameter and optimizer-state buffers to the step: the
-      arrays passed in are consumed, so keep using the ones it returns (or
-      pass ``donate=False`` to keep earlier states usable).
+    donate: donate the parameter and optimizer-state buffers to the step, to
+      save memory: the arrays passed in are then consumed (deleted), so keep
+      using the ones it returns; a consumed state passed again is refused with
+      an error. ``False`` (the default) keeps every earlier state usable.
 
   Returns:
     A :class:`TrainStep`: ``params, opt_state, value = step(params, opt_state,

@@ -33,6 +33,7 @@ from multirate_optax._dispatch import Dispatch, PhaseDispatch, resolve_dispatch
 from multirate_optax._gradients import (
     checked_loss, check_loss_signature, value_and_active_grad)
 from multirate_optax._groups import FAST, SLOW
+from multirate_optax._nnx_jit import jit, value_and_grad
 from multirate_optax._timetable import find_timetable_state
 
 
@@ -289,7 +290,7 @@ class TrainStep:
     # Under a transformation the model and optimizer are fresh copies on each
     # trace: nothing to keep.
     split = _split(model, optimizer)
-    return split.write_back(self._engine(split).switch(*split.pure(), *args))
+    return split.write_back(self._engine(split).apply(*split.pure(), *args))
 
   def program(self, model: nnx.Module, optimizer: nnx.Optimizer, *args,
               phase: Optional[int] = None) -> jax.stages.Lowered:
@@ -309,7 +310,7 @@ def train_step(
     *,
     has_aux: bool = False,
     dispatch: Dispatch = "auto",
-    donate: bool = True,
+    donate: bool = False,
 ) -> TrainStep:
   """Builds a multirate train step for an ``nnx.Module`` and ``nnx.Optimizer``.
 
@@ -324,7 +325,10 @@ def train_step(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     dispatch: ``'cond'``, ``'host'`` or ``'auto'``, as in
       :func:`multirate_optax.train_step`.
-    donate: donate the model's and optimizer's buffers to the step.
+    donate: donate the model's and optimizer's buffers to the step, to save
+      memory: arrays read from the model and optimizer before the call (a
+      state kept with ``nnx.state``, say) are then deleted. ``False`` (the
+      default) keeps them usable.
 
   Returns:
     A :class:`TrainStep`: ``value = step(model, optimizer, *args)`` updates

@@ -97,7 +97,7 @@ def run_sharded(mesh, dispatch, drift, data, compilations, directory):
   params, opt_state = sharded_state(mesh, tx)
   want_params, want_state = shardings(params), shardings(opt_state)
   batch_sharding = NamedSharding(mesh, P("data"))
-  step = mo.train_step(mlp_loss, tx, dispatch=dispatch)
+  step = mo.train_step(mlp_loss, tx, dispatch=dispatch, donate=True)
   facts = {"kept_shardings": True, "donated": True, "loss_replicated": True}
   history, compiles_per_step = [], []
   for t, batch in enumerate(data):

@@ -9,7 +9,9 @@ import optax
 import pytest
 
 import multirate_optax as mo
-from _models import batches, mlp_params
+from flax.training import train_state
+
+from _models import batches, is_fast, mlp_loss, mlp_params
 from _reference import multirate_sgd
 from _steps import (
     H, MU, NAMES, LinenHarness, LinenMLP, cross_entropy, linen_loss,
@@ -104,7 +106,9 @@ def test_batch_norm_and_dropout_on_fast_steps():
     state = mo.linen.TrainState.create(
         apply_fn=BatchNormNet().apply, params=params, batch_stats=stats,
         tx=mo.multirate(optax.sgd(H / period, momentum=MU),
-                        labels=mo.fast_by_path("^head/"), period=period))
+                        optax.sgd(H, momentum=MU),
+                        labels=mo.fast_by_path("^head/"), period=period,
+                        drift=False))
     step = mo.linen.train_step(batch_norm_loss, dispatch=dispatch, donate=False)
     history, stat_history = [], []
     for batch, key in zip(data, keys):
@@ -122,6 +126,14 @@ def test_batch_norm_and_dropout_on_fast_steps():
   chex.assert_trees_all_equal(results["cond"], results["host"])
 
 
+def batch_norm_state(period=2):
+  variables = BatchNormNet().init(jax.random.key(0), batches(1)[0][0],
+                                  train=False)
+  return mo.linen.TrainState.create(
+      apply_fn=BatchNormNet().apply, params=variables["params"],
+      batch_stats=variables["batch_stats"], tx=multirate_tx(period))
+
+
 def test_has_aux_returns_aux():
   def loss_fn(params, batch_stats, batch, rng):
     loss, batch_stats = batch_norm_loss(params, batch_stats, batch, rng)
@@ -137,7 +149,86 @@ def test_has_aux_returns_aux():
   np.testing.assert_allclose(aux["double"], 2 * loss)
 
 
+def test_flax_train_state_flow():
+  """Flax's own TrainState, a loss of (params, batch), apply_gradients."""
+  period, data = 3, batches(7)
+  expected = multirate_sgd(mlp_params(), mlp_loss, data, h=H, momentum=MU,
+                           period=period, drift=False, is_fast=is_fast)
+  params = linen_params(mlp_params())
+  kept = jax.tree.map(np.array, params)
+  for cls in (train_state.TrainState, mo.linen.TrainState):
+    state = cls.create(apply_fn=MLP().apply, params=params,
+                       tx=multirate_tx(period))
+    saved = []
+    step = mo.linen.train_step(lambda params, batch: mlp_loss_fn(
+        params, batch, None))
+    for t, batch in enumerate(data):
+      if t == 4:
+        # Flax's apply_gradients on full gradients, mid-cycle: the same
+        # multirate update, and the step picks the phase up from the state.
+        grads = jax.grad(mlp_loss_fn)(state.params, batch, None)
+        state = state.apply_gradients(grads=grads)
+      else:
+        state, _ = step(state, batch)
+      saved.append(state)
+    assert int(state.step) == len(data)
+    # Every state kept along the way, and the arrays given to create, are
+    # still usable: the step donates nothing by default.
+    chex.assert_trees_all_close([as_mlp_params(s.params) for s in saved],
+                                expected, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_equal(jax.tree.map(np.array, params), kept)
+
+
+def test_mo_train_state_is_flax_train_state():
+  state = create_state(2)
+  assert isinstance(state, train_state.TrainState)
+  assert state.batch_stats is None and state.step == 0
+
+
 class TestBadInput:
+
+  def test_fast_by_path_selecting_nothing_lists_the_paths(self):
+    tx = mo.multirate(optax.sgd(0.1), labels=mo.fast_by_path("^Dense_2/"),
+                      period=2)
+    with pytest.raises(ValueError, match=r"no parameter is labelled 'fast'.*"
+                       r"paths.*'head/bias'.*'layer0/kernel'"):
+      train_state.TrainState.create(apply_fn=MLP().apply,
+                                    params=linen_params(mlp_params()), tx=tx)
+
+  def test_logits_returned_without_has_aux(self):
+    step = mo.linen.train_step(lambda params, batch: (
+        mlp_loss_fn(params, batch, None), jnp.zeros((8, 3))))
+    with pytest.raises(TypeError, match=r"scalar loss, got a tuple of 2; if "
+                       r"it returns \(loss, aux\), pass has_aux=True"):
+      step(create_state(2), batches(1)[0])
+
+  def test_logits_returned_without_has_aux_with_batch_stats(self):
+    def loss_fn(params, batch_stats, batch, rng):
+      x, y = batch
+      logits, _ = BatchNormNet().apply(
+          {"params": params, "batch_stats": batch_stats}, x, train=True,
+          mutable=["batch_stats"], rngs={"dropout": rng})
+      return cross_entropy(logits, y), logits
+
+    state = batch_norm_state()
+    with pytest.raises(ValueError, match=r"(?s)structure differs.*returned: an "
+                       r"array of shape \(8, 3\).*build the step with has_aux=True"):
+      mo.linen.train_step(loss_fn)(state, batches(1)[0], jax.random.key(0))
+
+  @pytest.mark.parametrize("with_batch_stats", [False, True])
+  def test_loss_only_where_aux_expected(self, with_batch_stats):
+    if with_batch_stats:
+      state, loss_fn = batch_norm_state(), lambda *args: batch_norm_loss(*args)[0]
+      args = (batches(1)[0], jax.random.key(0))
+      match = r"must return \(loss, \(new_batch_stats, aux\)\).*got a scalar array"
+    else:
+      state, loss_fn = create_state(2), lambda p, b: mlp_loss_fn(p, b, None)
+      args = (batches(1)[0],)
+      match = (r"must return \(loss, aux\), got a scalar array; if it "
+               r"returns the loss alone, build the step with has_aux=False")
+    with pytest.raises(TypeError, match=match) as error:
+      mo.linen.train_step(loss_fn, has_aux=True)(state, *args)
+    assert "Tracer" not in str(error.value)
 
   def test_optimizer_without_schedule(self):
     with pytest.raises(ValueError, match="holds no timetable of active groups"):
@@ -152,20 +243,23 @@ class TestBadInput:
                                  params=linen_params(mlp_params()), tx=tx)
 
   def test_loss_signature(self):
-    with pytest.raises(TypeError, match="cannot be called as loss_fn"):
-      mo.linen.train_step(lambda params, batch: 0.0)
+    step = mo.linen.train_step(lambda params, batch: 0.0)
+    with pytest.raises(TypeError, match=r"cannot be called as loss_fn.*"
+                       r"loss_fn\(params, batch_stats, \*args\), as the "
+                       r"state has batch_stats"):
+      step(batch_norm_state(), batches(1)[0], jax.random.key(0))
 
   def test_loss_without_batch_stats(self):
-    step = mo.linen.train_step(
-        lambda params, batch_stats, batch, rng: mlp_loss_fn(
-            params, batch_stats, batch, rng)[0])
-    with pytest.raises(TypeError, match=r"must return \(loss, new_batch_stats\)"):
-      step(create_state(2), batches(1)[0], jax.random.key(0))
+    step = mo.linen.train_step(lambda *args: batch_norm_loss(*args)[0])
+    with pytest.raises(TypeError, match=r"must return \(loss, new_batch_stats\)"
+                       r".*create the state without batch_stats"):
+      step(batch_norm_state(), batches(1)[0], jax.random.key(0))
 
-  def test_has_aux_without_aux(self):
-    step = mo.linen.train_step(mlp_loss_fn, has_aux=True)
-    with pytest.raises(TypeError, match=r"\(loss, \(new_batch_stats, aux\)\)"):
-      step(create_state(2), batches(1)[0], jax.random.key(0))
+  def test_not_a_train_state(self):
+    with pytest.raises(TypeError, match="expected a multirate_optax.linen."
+                       "TrainState or Flax's"):
+      mo.linen.train_step(mlp_loss_fn)(linen_params(mlp_params()),
+                                       batches(1)[0])
 
   def test_mutable_updates_instead_of_batch_stats(self):
     def loss_fn(params, batch_stats, batch, rng):
@@ -175,10 +269,6 @@ class TestBadInput:
           mutable=["batch_stats"], rngs={"dropout": rng})
       return cross_entropy(logits, y), updates
 
-    x = batches(1)[0][0]
-    variables = BatchNormNet().init(jax.random.key(0), x, train=False)
-    state = mo.linen.TrainState.create(
-        apply_fn=BatchNormNet().apply, params=variables["params"],
-        batch_stats=variables["batch_stats"], tx=multirate_tx(2))
     with pytest.raises(ValueError, match=r"Return updates\['batch_stats'\]"):
-      mo.linen.train_step(loss_fn)(state, batches(1)[0], jax.random.key(0))
+      mo.linen.train_step(loss_fn)(batch_norm_state(), batches(1)[0],
+                                   jax.random.key(0))

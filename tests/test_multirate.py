@@ -47,7 +47,8 @@ def test_trajectory_equals_published_algorithm(period, drift):
   # XLA:CPU fuses `param + lr * momentum` into a fused multiply-add, which a
   # numpy loop does not, so agreement is to float32 rounding, not bitwise.
   params, expected, grads = reference_and_grads(period, drift)
-  tx = mo.multirate(optax.sgd(H / period, momentum=MU), labels=HEAD_FAST,
+  tx = mo.multirate(optax.sgd(H / period, momentum=MU),
+                    optax.sgd(H, momentum=MU), labels=HEAD_FAST,
                     period=period, drift=drift)
   history, _ = run_optimizer(tx, params, grads)
   assert len(history) == STEPS
@@ -77,7 +78,8 @@ def test_period_one_is_the_inner_optimizer_bitwise(make_inner):
 def test_off_steps_leave_slow_parameters_and_state_untouched():
   period = 3
   params, _, grads = reference_and_grads(period, False, steps=9)
-  tx = mo.multirate(optax.adam(1e-2), labels=HEAD_FAST, period=period)
+  tx = mo.multirate(optax.adam(1e-2), labels=HEAD_FAST, period=period,
+                    drift=False)
   state = tx.init(params)
   update = jax.jit(tx.update)
   for t, g in enumerate(grads):
@@ -128,12 +130,40 @@ def test_fast_and_slow_optimizers_can_differ():
   assert not np.allclose(history[-1]["head"]["w"], params["head"]["w"])
 
 
+@pytest.mark.parametrize("drift", [False, True])
+def test_by_default_the_slow_part_moves_one_slow_update_per_cycle(drift):
+  period = 4
+  params, _, grads = reference_and_grads(period, drift, steps=period)
+  tx = mo.multirate(optax.sgd(0.1), labels=HEAD_FAST, period=period,
+                    drift=drift)
+  history, _ = run_optimizer(tx, params, grads)
+  # One step of sgd(0.1) per cycle, from the slow step's gradient: at once,
+  # or a quarter of it on each of the cycle's steps.
+  for t, after in enumerate(history):
+    moved = (t + 1) / period if drift else 1.0
+    np.testing.assert_allclose(
+        after["layer0"]["w"],
+        params["layer0"]["w"] - moved * 0.1 * grads[0]["layer0"]["w"],
+        rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("drift, slow_scale", [(False, 2.0), (True, 0.5)])
+def test_warns_when_the_slow_part_moves_more_than_one_update_per_cycle(
+    drift, slow_scale):
+  with pytest.warns(UserWarning, match=r"moves the slow parameters by 2 "
+                    r"updates of the slow optimizer per cycle of 4 steps"):
+    mo.multirate(optax.sgd(0.1), labels=HEAD_FAST, period=4, drift=drift,
+                 slow_scale=slow_scale)
+
+
 def test_slow_scale_is_configurable():
   params, _, grads = reference_and_grads(4, False, steps=1)
-  tx = mo.multirate(optax.sgd(0.1), labels=HEAD_FAST, period=4, slow_scale=1.0)
+  tx = mo.multirate(optax.sgd(0.1), labels=HEAD_FAST, period=4, drift=False,
+                    slow_scale=0.5)
   (after,), _ = run_optimizer(tx, params, grads)
   np.testing.assert_array_equal(
-      after["layer0"]["w"], params["layer0"]["w"] - np.float32(0.1) * grads[0]["layer0"]["w"])
+      after["layer0"]["w"],
+      params["layer0"]["w"] - np.float32(0.05) * grads[0]["layer0"]["w"])
 
 
 def test_schedules_fast_sees_global_step_slow_sees_slow_updates():
@@ -142,10 +172,11 @@ def test_schedules_fast_sees_global_step_slow_sees_slow_updates():
   grads = {"slow": jnp.ones(()), "fast": jnp.ones(())}
   lr = lambda count: (count + 1).astype(jnp.float32)  # step t has rate t + 1
   labels = {"slow": "slow", "fast": "fast"}
-  plain = mo.multirate(optax.sgd(lr), labels=labels, period=period, slow_scale=1.0)
+  plain = mo.multirate(optax.sgd(lr), labels=labels, period=period,
+                       drift=False)
   global_steps = mo.multirate(
       optax.sgd(lr), optax.sgd(mo.in_slow_steps(lr, period)), labels=labels,
-      period=period, slow_scale=1.0)
+      period=period, drift=False)
   history_plain, _ = run_optimizer(plain, params, [grads] * steps)
   history_global, _ = run_optimizer(global_steps, params, [grads] * steps)
   # Fast: rates 1, 2, ..., 9 at steps 0..8.
@@ -201,7 +232,7 @@ def test_depth_labels_survive_sorted_keys():
   # the optimizer must keep the module order it saw at init.
   params = {f"Dense_{i}": {"kernel": jnp.full(2, float(i))} for i in range(11)}
   tx = mo.multirate(optax.sgd(1.0), labels=mo.fast_by_depth(1), period=2,
-                    slow_scale=1.0)
+                    drift=False)
   state = tx.init(params)
   sorted_params = jax.jit(lambda p: p)(params)
   assert list(sorted_params)[:3] == ["Dense_0", "Dense_1", "Dense_10"]
@@ -232,7 +263,7 @@ def test_composes_in_chain_with_clipping():
   params, _, grads = reference_and_grads(2, False, steps=1)
   tx = optax.chain(optax.clip_by_global_norm(1e-3),
                    mo.multirate(optax.sgd(1.0), labels=HEAD_FAST, period=2,
-                                slow_scale=1.0))
+                                drift=False))
   (after,), _ = run_optimizer(tx, params, grads)
   delta = jax.tree.map(lambda a, b: np.asarray(a - b), after, params)
   norm = np.sqrt(sum(np.sum(d.astype(np.float64) ** 2) for d in jax.tree.leaves(delta)))
@@ -249,7 +280,7 @@ def test_extra_args_reach_the_inner_optimizers():
 
   params, _, grads = reference_and_grads(1, False, steps=1)
   tx = mo.multirate(scale_by_extra_arg(), labels=HEAD_FAST, period=2,
-                    slow_scale=1.0)
+                    drift=False)
   updates, _ = jax.jit(tx.update)(grads[0], tx.init(params), params,
                                   factor=jnp.asarray(3.0))
   chex.assert_trees_all_close(updates, jax.tree.map(lambda g: 3 * g, grads[0]))

@@ -9,9 +9,10 @@ import pytest
 from flax import nnx
 
 import multirate_optax as mo
-from _models import batches, mlp_params
+from _models import batches, is_fast, mlp_loss, mlp_params
+from _probes import count_compilations, count_host_reads, hlo_op_count
 from _reference import multirate_sgd
-from _steps import H, MU, NNXHarness, NNXMLP, nnx_loss
+from _steps import H, MU, NAMES, NNXHarness, NNXMLP, nnx_loss
 
 HEAD = nnx.PathContains("head")
 MLP = NNXMLP
@@ -75,7 +76,9 @@ def test_batch_norm_and_dropout_on_fast_steps():
     want_stats = running_stats(before, want_stats, batch)
 
   tx = mo.multirate(optax.sgd(H / period, momentum=MU),
-                    labels=mo.nnx.fast_by_filter(HEAD), period=period)
+                    optax.sgd(H, momentum=MU),
+                    labels=mo.nnx.fast_by_filter(HEAD), period=period,
+                    drift=False)
   results = {}
   for dispatch in ("cond", "host"):
     model = BatchNormNet()
@@ -125,6 +128,104 @@ def test_stored_rng_stream_advances_on_fast_steps():
   # differ, and both dispatch modes draw the same masks.
   assert len(set(losses["host"])) == 4
   assert losses["cond"] == losses["host"]
+
+
+def mlp_params_of(model):
+  return {name: {"w": np.array(getattr(model, name).kernel.get_value()),
+                 "b": np.array(getattr(model, name).bias.get_value())}
+          for name in NAMES}
+
+
+def own_jit_step():
+  """A Flax-style train step: gradients, metrics and update in one function."""
+
+  @mo.nnx.jit
+  def train_step(model, optimizer, metrics, batch):
+    grad_fn = mo.nnx.value_and_grad(
+        lambda model, batch: (nnx_loss(model, batch), model(batch[0])),
+        has_aux=True)
+    (loss, logits), grads = grad_fn(model, batch)
+    metrics.update(loss=loss, logits=logits, labels=batch[1])
+    optimizer.update(model, grads)
+
+  return train_step
+
+
+def new_metrics():
+  return nnx.MultiMetric(accuracy=nnx.metrics.Accuracy(),
+                         loss=nnx.metrics.Average("loss"))
+
+
+@pytest.mark.parametrize("drift", [False, True])
+def test_own_jit_follows_the_published_algorithm(drift):
+  period, data = 3, batches(10)
+  expected = multirate_sgd(mlp_params(), mlp_loss, data, h=H, momentum=MU,
+                           period=period, drift=drift, is_fast=is_fast)
+  model = MLP(mlp_params())
+  optimizer = nnx.Optimizer(model, multirate_tx(period, drift), wrt=nnx.Param)
+  metrics, train_step = new_metrics(), own_jit_step()
+  history, losses = [], []
+  for batch in data:
+    losses.append(float(nnx_loss(model, batch)))
+    train_step(model, optimizer, metrics, batch)
+    history.append(mlp_params_of(model))
+  chex.assert_trees_all_close(history, expected, rtol=1e-5, atol=1e-6)
+  # The metrics were updated inside the step, with the loss before each update.
+  np.testing.assert_allclose(metrics.compute()["loss"], np.mean(losses),
+                             rtol=1e-5)
+  assert int(optimizer.step[...]) == len(data)
+
+
+def test_own_jit_runs_one_program_per_phase_and_reads_nothing_back():
+  model = MLP(mlp_params())
+  optimizer = nnx.Optimizer(model, multirate_tx(4), wrt=nnx.Param)
+  metrics, train_step, data = new_metrics(), own_jit_step(), batches(10)
+  # The fast phase's program has no backward work for the slow layers: forward
+  # 3 dots (twice: loss and logits), head-only backward 1, against 3 + 2.
+  full = train_step.program(model, optimizer, metrics, data[0], phase=0)
+  fast = train_step.program(model, optimizer, metrics, data[0], phase=1)
+  assert hlo_op_count(fast, "dot") == hlo_op_count(full, "dot") - 4
+  with count_compilations() as compiled:
+    for batch in data[:2]:
+      train_step(model, optimizer, metrics, batch)
+    after_two = compiled[0]
+    with count_host_reads() as reads:
+      for batch in data[2:]:
+        train_step(model, optimizer, metrics, batch)
+  assert compiled[0] == after_two
+  assert reads[0] == 0
+
+
+def test_own_jit_follows_a_rewound_optimizer():
+  data = batches(6)
+  want_model = MLP(mlp_params())
+  want_optimizer = nnx.Optimizer(want_model, multirate_tx(3), wrt=nnx.Param)
+  step = mo.nnx.train_step(nnx_loss)
+  for batch in data:
+    step(want_model, want_optimizer, batch)
+
+  model = MLP(mlp_params())
+  optimizer = nnx.Optimizer(model, multirate_tx(3), wrt=nnx.Param)
+  metrics, train_step = new_metrics(), own_jit_step()
+  train_step(model, optimizer, metrics, data[0])
+  saved = jax.tree.map(jnp.array, nnx.as_pure(
+      (nnx.state(model), nnx.state(optimizer))))
+  for batch in data[1:4]:
+    train_step(model, optimizer, metrics, batch)
+  nnx.update(model, saved[0])
+  nnx.update(optimizer, saved[1])  # count 1 again: the host count follows it
+  for batch in data[1:]:
+    train_step(model, optimizer, metrics, batch)
+  chex.assert_trees_all_equal(mlp_params_of(model), mlp_params_of(want_model))
+
+
+def test_apply_inside_nnx_jit_warns_that_it_is_cond_dispatch():
+  model = MLP(mlp_params())
+  optimizer = nnx.Optimizer(model, multirate_tx(2), wrt=nnx.Param)
+  step = mo.nnx.train_step(nnx_loss, dispatch="host")
+  with pytest.warns(UserWarning, match=r"lax.switch program \('cond' "
+                    r"dispatch\).*multirate_optax.nnx.jit"):
+    nnx.jit(step.apply)(model, optimizer, batches(1)[0])
 
 
 def _pure(*nodes):
@@ -188,6 +289,32 @@ def test_structure_changed_between_steps_is_followed(change, monkeypatch):
 
 
 class TestBadInput:
+
+  def test_value_and_grad_outside_multirate_jit(self):
+    model = MLP(mlp_params())
+
+    @nnx.jit
+    def grads(model, batch):
+      return mo.nnx.value_and_grad(nnx_loss)(model, batch)
+
+    with pytest.raises(RuntimeError, match=r"outside a function compiled with "
+                       r"multirate_optax.nnx.jit.*instead of nnx.jit"):
+      grads(model, batches(1)[0])
+
+  def test_multirate_jit_without_an_update(self):
+    model = MLP(mlp_params())
+    optimizer = nnx.Optimizer(model, multirate_tx(2), wrt=nnx.Param)
+    evaluate = mo.nnx.jit(lambda model, optimizer, batch: nnx_loss(model, batch))
+    with pytest.raises(TypeError, match=r"did not update its optimizer.*"
+                       r"evaluation\) with nnx.jit"):
+      evaluate(model, optimizer, batches(1)[0])
+
+  def test_multirate_jit_without_an_optimizer(self):
+    model = MLP(mlp_params())
+    with pytest.raises(TypeError, match=r"one nnx.Optimizer among the "
+                       r"function's arguments, found 0"):
+      mo.nnx.jit(nnx_loss)(model, batches(1)[0])
+
 
   def test_filter_that_selects_no_parameter(self):
     tx = mo.multirate(optax.sgd(0.1),

@@ -28,7 +28,9 @@ def train(step, params, opt_state, data):
 
 
 def multirate_sgd_tx(period, drift=False):
-  return mo.multirate(optax.sgd(H / period, momentum=MU), labels=HEAD_FAST,
+  # Vlaar & Leimkuhler's h_F = h / k, h_S = h (per cycle).
+  return mo.multirate(optax.sgd(H / period, momentum=MU),
+                      optax.sgd(H, momentum=MU), labels=HEAD_FAST,
                       period=period, drift=drift)
 
 

@@ -1,0 +1,201 @@
+# Copyright 2024 The Flax Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""MNIST example.
+
+Library file which executes the training and evaluation loop for MNIST.
+The data is loaded using tensorflow_datasets.
+
+multirate_optax: examples/mnist_linen.py (Flax's Linen MNIST example, run
+offline on the digits) converted to multirate training: the Dense layers are
+fast, the convolutions slow, updated once per cycle of 5 steps (spread over
+it: drift); on the other steps no gradient is computed for them. What changed (`diff examples/mnist_linen.py
+examples/mnist_linen_multirate.py`):
+  - import multirate_optax as mo;
+  - apply_model's loss as a function of (params, images, labels), and
+    multirate_step, the compiled multirate step built from it;
+  - train_epoch calls multirate_step instead of apply_model + update_model
+    (apply_model still evaluates);
+  - the optimizer: the example's SGD(0.1, 0.9) inside mo.multirate, its
+    defaults unchanged (the convolutions move by one SGD update per cycle).
+"""
+
+# See issue #620.
+# pytype: disable=wrong-keyword-args
+
+import time
+import types
+
+from absl import logging
+from flax import linen as nn
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import sklearn.datasets
+import multirate_optax as mo
+
+
+class CNN(nn.Module):
+  """A simple CNN model."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(features=32, kernel_size=(3, 3))(x)
+    x = nn.relu(x)
+    x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+    x = nn.Conv(features=64, kernel_size=(3, 3))(x)
+    x = nn.relu(x)
+    x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))  # flatten
+    x = nn.Dense(features=256)(x)
+    x = nn.relu(x)
+    x = nn.Dense(features=10)(x)
+    return x
+
+
+@jax.jit
+def apply_model(state, images, labels):
+  """Computes gradients, loss and accuracy for a single batch."""
+
+  def loss_fn(params):
+    logits = state.apply_fn({'params': params}, images)
+    one_hot = jax.nn.one_hot(labels, 10)
+    loss = jnp.mean(optax.softmax_cross_entropy(logits=logits, labels=one_hot))
+    return loss, logits
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (loss, logits), grads = grad_fn(state.params)
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+  return grads, loss, accuracy
+
+
+@jax.jit
+def update_model(state, grads):
+  return state.apply_gradients(grads=grads)
+
+
+def loss_fn(params, images, labels):
+  logits = CNN().apply({'params': params}, images)
+  loss = jnp.mean(optax.softmax_cross_entropy(logits, jax.nn.one_hot(labels, 10)))
+  return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+multirate_step = mo.linen.train_step(loss_fn, has_aux=True)
+
+
+def train_epoch(state, train_ds, batch_size, rng):
+  """Train for a single epoch."""
+  train_ds_size = len(train_ds['image'])
+  steps_per_epoch = train_ds_size // batch_size
+
+  perms = jax.random.permutation(rng, len(train_ds['image']))
+  perms = perms[: steps_per_epoch * batch_size]  # skip incomplete batch
+  perms = perms.reshape((steps_per_epoch, batch_size))
+
+  epoch_loss = []
+  epoch_accuracy = []
+
+  for perm in perms:
+    batch_images = train_ds['image'][perm, ...]
+    batch_labels = train_ds['label'][perm, ...]
+    state, (loss, accuracy) = multirate_step(state, batch_images, batch_labels)
+    epoch_loss.append(loss)
+    epoch_accuracy.append(accuracy)
+  train_loss = np.mean(epoch_loss)
+  train_accuracy = np.mean(epoch_accuracy)
+  return state, train_loss, train_accuracy
+
+
+def get_datasets(config):
+  """Load the digits' train and test splits into memory, 28x28 like MNIST."""
+  digits = sklearn.datasets.load_digits()
+  images = jax.image.resize(jnp.float32(digits.images) / 16.0,
+                            (len(digits.images), 28, 28), 'linear')[..., None]
+  test = np.random.default_rng(0).permutation(len(images)) < len(images) // 4
+  train_ds = {'image': images[~test][:config.train_size],
+              'label': jnp.int32(digits.target[~test][:config.train_size])}
+  test_ds = {'image': images[test], 'label': jnp.int32(digits.target[test])}
+  return train_ds, test_ds
+
+
+def create_train_state(rng, config):
+  """Creates initial `TrainState`."""
+  cnn = CNN()
+  params = cnn.init(rng, jnp.ones([1, 28, 28, 1]))['params']
+  tx = mo.multirate(optax.sgd(config.learning_rate, config.momentum),
+                    labels=mo.fast_by_path('Dense'), period=5)
+  return train_state.TrainState.create(apply_fn=cnn.apply, params=params, tx=tx)
+
+
+def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
+  """Execute model training and evaluation loop.
+
+  Args:
+    config: Hyperparameter configuration for training and evaluation.
+    workdir: Directory where the tensorboard summaries are written to.
+
+  Returns:
+    The train state (which includes the `.params`), the seconds spent in
+    training epochs (evaluation excluded) and the last test accuracy.
+  """
+  train_ds, test_ds = get_datasets(config)
+  rng = jax.random.key(0)
+
+  rng, init_rng = jax.random.split(rng)
+  state = create_train_state(init_rng, config)
+  train_seconds = 0.0
+
+  for epoch in range(1, config.num_epochs + 1):
+    rng, input_rng = jax.random.split(rng)
+    start = time.perf_counter()
+    state, train_loss, train_accuracy = train_epoch(
+        state, train_ds, config.batch_size, input_rng
+    )
+    train_seconds += time.perf_counter() - start
+    _, test_loss, test_accuracy = apply_model(
+        state, test_ds['image'], test_ds['label']
+    )
+
+    logging.info(
+        'epoch:% 3d, train_loss: %.4f, train_accuracy: %.2f, test_loss: %.4f,'
+        ' test_accuracy: %.2f'
+        % (
+            epoch,
+            train_loss,
+            train_accuracy * 100,
+            test_loss,
+            test_accuracy * 100,
+        )
+    )
+
+  return state, train_seconds, float(test_accuracy)
+
+
+def get_config():
+  """Get the default hyperparameter configuration."""
+  config = types.SimpleNamespace()
+
+  config.learning_rate = 0.1
+  config.momentum = 0.9
+  config.batch_size = 128
+  config.num_epochs = 10
+  config.train_size = None  # All 1,348 training digits.
+  return config
+
+
+if __name__ == '__main__':
+  logging.set_verbosity(logging.INFO)
+  train_and_evaluate(get_config(), workdir='')
