@@ -1,0 +1,301 @@
+"""Budgeted transfer (SWR/TAPS): reparametrized layers, gates, the budget."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from multirate_optax import budgeted
+
+
+class ConvNet(nn.Module):
+  """A conv layer, a hidden dense layer and a head, with biases."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (3, 3))(x))
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.tanh(nn.Dense(5)(x))
+    return nn.Dense(3)(x)
+
+
+@pytest.fixture(scope="module")
+def convnet():
+  model = ConvNet()
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 2))
+  params = model.init(jax.random.key(1), x)
+  return model, params, x
+
+
+LAYERS = ("params/Conv_0/kernel", "params/Dense_0/kernel",
+          "params/Dense_1/kernel")
+
+
+def random_deltas(params, layers, seed=2):
+  rng = np.random.default_rng(seed)
+  return {layer: jnp.asarray(rng.normal(size=w.shape), w.dtype)
+          for layer, w in budgeted.init_deltas(params, layers).items()}
+
+
+def weight(params, layer):
+  node = params
+  for key in layer.split("/"):
+    node = node[key]
+  return node
+
+
+class TestReparametrized:
+
+  def test_candidates_are_the_kernels_in_tree_order(self, convnet):
+    _, params, _ = convnet
+    assert budgeted.candidate_layers(params) == LAYERS
+    assert budgeted.candidate_layers(params, include="Dense") == LAYERS[1:]
+    assert budgeted.candidate_layers(
+        params, include=["Conv", "Dense_1"], exclude="Conv") == LAYERS[2:]
+
+  def test_an_include_pattern_that_matches_nothing_is_an_error(self, convnet):
+    _, params, _ = convnet
+    with pytest.raises(ValueError, match="'Dense_7'.*params/Conv_0/kernel"):
+      budgeted.candidate_layers(params, include="Dense_7")
+
+  def test_sizes_and_zero_deltas(self, convnet):
+    _, params, _ = convnet
+    assert budgeted.layer_sizes(params, LAYERS) == {
+        LAYERS[0]: 3 * 3 * 2 * 4, LAYERS[1]: 4 * 5, LAYERS[2]: 5 * 3}
+    deltas = budgeted.init_deltas(params, LAYERS)
+    assert list(deltas) == list(LAYERS)
+    for layer, delta in deltas.items():
+      assert delta.shape == weight(params, layer).shape
+      assert delta.dtype == weight(params, layer).dtype
+      assert not np.any(np.asarray(delta))
+
+  def test_apply_deltas_is_w0_plus_gate_times_delta(self, convnet):
+    _, params, _ = convnet
+    deltas = random_deltas(params, LAYERS[:2])
+    gates = {LAYERS[0]: jnp.asarray(0.25), LAYERS[1]: 2.0}
+    changed = budgeted.apply_deltas(params, deltas, gates)
+    for layer, gate in ((LAYERS[0], 0.25), (LAYERS[1], 2.0)):
+      np.testing.assert_allclose(
+          weight(changed, layer),
+          np.asarray(weight(params, layer)) + gate * np.asarray(deltas[layer]),
+          rtol=1e-6)
+    adapted = {id(weight(params, layer)) for layer in LAYERS[:2]}
+    for new, old in zip(jax.tree.leaves(changed), jax.tree.leaves(params)):
+      if id(old) not in adapted:
+        assert new is old
+
+  def test_merged_and_gated_models_give_the_same_outputs(self, convnet):
+    model, params, x = convnet
+    deltas = random_deltas(params, LAYERS)
+    scores = {LAYERS[0]: jnp.asarray(0.3), LAYERS[1]: jnp.asarray(0.02),
+              LAYERS[2]: jnp.asarray(0.1)}
+    gates = budgeted.threshold_gates(scores)
+    selection = (LAYERS[0], LAYERS[2])  # Scores at or above 0.1.
+    gated = jax.jit(model.apply)(
+        budgeted.apply_deltas(params, deltas, gates), x)
+    merged_params = budgeted.merge(params, deltas, selection)
+    merged = jax.jit(model.apply)(merged_params, x)
+    np.testing.assert_array_equal(merged, gated)
+    # The original architecture: same tree, shapes and dtypes.
+    assert jax.tree.structure(merged_params) == jax.tree.structure(params)
+    assert (jax.tree.map(lambda a: (a.shape, a.dtype), merged_params)
+            == jax.tree.map(lambda a: (a.shape, a.dtype), params))
+    # Independent reference: W0 + dW on the selection, W0 elsewhere.
+    for layer in LAYERS:
+      expected = np.asarray(weight(params, layer)) + (
+          np.asarray(deltas[layer]) if layer in selection else 0.0)
+      np.testing.assert_array_equal(weight(merged_params, layer), expected)
+    assert not np.array_equal(merged, model.apply(params, x))
+
+  def test_merge_keeps_each_weights_dtype(self):
+    params = {"w": jnp.ones((2, 2), jnp.bfloat16)}
+    merged = budgeted.merge(params, {"w": jnp.full((2, 2), 0.5)}, ["w"])
+    assert merged["w"].dtype == jnp.bfloat16
+    assert merged["w"].tolist() == [[1.5, 1.5], [1.5, 1.5]]
+
+  @pytest.mark.parametrize("call", [
+      lambda p: budgeted.layer_sizes(p, ["params/Dense_9/kernel"]),
+      lambda p: budgeted.init_deltas(p, ["params/Dense_9/kernel"]),
+      lambda p: budgeted.apply_deltas(
+          p, {"params/Dense_9/kernel": jnp.ones((4, 5))},
+          {"params/Dense_9/kernel": 1.0}),
+  ])
+  def test_a_layer_not_in_the_params_is_named_with_the_paths(self, convnet,
+                                                            call):
+    _, params, _ = convnet
+    with pytest.raises(ValueError, match=r"'params/Dense_9/kernel' is not in "
+                       r"the parameters.*Available paths: .*"
+                       r"'params/Dense_0/kernel'"):
+      call(params)
+
+  def test_merge_of_a_layer_without_a_change_is_an_error(self, convnet):
+    _, params, _ = convnet
+    deltas = budgeted.init_deltas(params, LAYERS[:1])
+    with pytest.raises(ValueError, match=r"'params/Dense_1/kernel' is not in "
+                       r"the changes.*'params/Conv_0/kernel'"):
+      budgeted.merge(params, deltas, [LAYERS[2]])
+
+  def test_gates_must_cover_the_deltas(self, convnet):
+    _, params, _ = convnet
+    deltas = budgeted.init_deltas(params, LAYERS[:2])
+    with pytest.raises(ValueError, match=r"without a gate: \['params/Dense_0"):
+      budgeted.apply_deltas(params, deltas, {LAYERS[0]: 1.0})
+    with pytest.raises(ValueError, match="must be a scalar"):
+      budgeted.apply_deltas(params, deltas,
+                            {LAYERS[0]: 1.0, LAYERS[1]: jnp.ones(2)})
+
+  def test_a_delta_of_the_wrong_shape_is_an_error(self, convnet):
+    _, params, _ = convnet
+    with pytest.raises(ValueError, match=r"'params/Dense_0/kernel' has shape "
+                       r"\(5, 4\), but its weight has shape \(4, 5\)"):
+      budgeted.apply_deltas(params, {LAYERS[1]: jnp.ones((5, 4))},
+                            {LAYERS[1]: 1.0})
+
+
+class TestThresholdGates:
+
+  def test_hard_gates_forward(self):
+    scores = {"a": jnp.asarray(0.1), "b": jnp.asarray(0.0999),
+              "c": jnp.asarray(-2.0), "d": jnp.asarray(5.0)}
+    gates = jax.jit(budgeted.threshold_gates)(scores)
+    assert {k: float(v) for k, v in gates.items()} == {
+        "a": 1.0, "b": 0.0, "c": 0.0, "d": 1.0}
+
+  def test_straight_through_gradient_of_a_quadratic_loss(self):
+    """d loss / d s_l = <d loss / d W_l, dW_l>, by hand for least squares."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(7, 3)), rng.normal(size=(7, 2))
+    w0 = {"a": rng.normal(size=(3, 4)), "b": rng.normal(size=(4, 2))}
+    deltas = {"a": rng.normal(size=(3, 4)), "b": rng.normal(size=(4, 2))}
+    scores = {"a": 0.15, "b": 0.05}  # Gate a on, gate b off.
+    penalty = 0.7
+
+    def loss(scores):
+      params = budgeted.apply_deltas(
+          jax.tree.map(jnp.asarray, w0), jax.tree.map(jnp.asarray, deltas),
+          budgeted.threshold_gates(scores))
+      residual = x @ params["a"] @ params["b"] - y
+      return (0.5 * jnp.sum(residual ** 2)
+              + penalty * budgeted.sparsity_penalty(scores))
+
+    grads = jax.jit(jax.grad(loss))(jax.tree.map(jnp.asarray, scores))
+    # By hand, float64: W_a = w0_a + dW_a (gate on), W_b = w0_b (gate off).
+    w_a, w_b = w0["a"] + deltas["a"], w0["b"]
+    residual = x @ w_a @ w_b - y
+    d_w_a = x.T @ residual @ w_b.T
+    d_w_b = (x @ w_a).T @ residual
+    expected = {"a": np.sum(d_w_a * deltas["a"]) + penalty / 2,
+                "b": np.sum(d_w_b * deltas["b"]) + penalty / 2}
+    for layer in ("a", "b"):
+      np.testing.assert_allclose(grads[layer], expected[layer], rtol=1e-4)
+      assert abs(expected[layer]) > 1.0
+
+  def test_sparsity_penalty_and_its_warmup(self):
+    scores = {"a": jnp.asarray(0.3), "b": jnp.asarray(-0.5),
+              "c": jnp.asarray(0.1)}
+    assert float(budgeted.sparsity_penalty(scores)) == pytest.approx(0.3)
+    weights = jax.jit(budgeted.penalty_weight, static_argnums=(1, 2))
+    assert [float(weights(jnp.asarray(t), 2.0, 3)) for t in range(5)] == [
+        0.0, 0.0, 0.0, 2.0, 2.0]
+
+  def test_init_scores(self):
+    scores = budgeted.init_scores(LAYERS)
+    assert list(scores) == list(LAYERS)
+    assert all(float(s) == np.float32(0.15) and s.shape == ()
+               for s in scores.values())
+
+
+def greedy_reference(scores, sizes, budget, threshold):
+  """The greedy choice, written out: best score first, skip what won't fit."""
+  names = list(sizes)
+  ranked = sorted(range(len(names)), key=lambda i: (-scores[names[i]], i))
+  left, chosen = budget, []
+  for i in ranked:
+    name = names[i]
+    if scores[name] >= threshold and sizes[name] <= left:
+      chosen.append(name)
+      left -= sizes[name]
+  return tuple(n for n in names if n in chosen)
+
+
+class TestSelectWithinBudget:
+
+  def test_never_exceeds_the_budget_over_a_sweep(self):
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+      num = int(rng.integers(1, 30))
+      names = [f"layer_{i}/kernel" for i in range(num)]
+      sizes = {n: int(s) for n, s in
+               zip(names, rng.integers(1, 10 ** rng.integers(1, 6), num))}
+      # Ties are frequent: scores from a few values.
+      raw = rng.choice([-0.2, 0.0, 0.05, 0.1, 0.4, 0.9], num) if trial % 2 else (
+          rng.normal(size=num))
+      kind = trial % 3
+      scores = {n: (jnp.asarray(s, jnp.float32) if kind == 0 else
+                    np.float32(s) if kind == 1 else float(s))
+                for n, s in zip(names, raw)}
+      threshold = float(rng.choice([0.0, 0.1, -1.0]))
+      total = sum(sizes.values())
+      for budget in {1, min(sizes.values()), total // 20 + 1, total // 2 + 1,
+                     total - 1 or 1, total, 10 * total}:
+        selection = budgeted.select_within_budget(
+            scores, sizes, budget, threshold=threshold)
+        assert sum(sizes[n] for n in selection) <= budget
+        assert len(set(selection)) == len(selection)
+        assert all(float(scores[n]) >= threshold for n in selection)
+        assert selection == greedy_reference(
+            {n: float(np.float32(s)) for n, s in scores.items()}, sizes,
+            budget, threshold)
+
+  def test_budget_below_every_layer_selects_nothing(self):
+    sizes = {"a": 10, "b": 20, "c": 15}
+    scores = {"a": 1.0, "b": 2.0, "c": 3.0}
+    assert budgeted.select_within_budget(scores, sizes, 9) == ()
+
+  def test_budget_above_the_total_selects_every_preferred_layer(self):
+    sizes = {"a": 10, "b": 20, "c": 15, "d": 5}
+    scores = {"a": 0.5, "b": -0.1, "c": 0.1, "d": 0.09}
+    assert budgeted.select_within_budget(scores, sizes, 50) == ("a", "c", "d")
+    assert budgeted.select_within_budget(
+        scores, sizes, 10 ** 9, threshold=0.1) == ("a", "c")
+    # The TAPS threshold keeps exactly the layers whose gate is on.
+    gates = budgeted.threshold_gates(
+        {k: jnp.asarray(v) for k, v in scores.items()})
+    assert tuple(k for k, g in gates.items() if g == 1) == ("a", "c")
+
+  def test_skips_a_layer_that_no_longer_fits_and_takes_a_smaller_one(self):
+    sizes = {"a": 60, "b": 50, "c": 30, "d": 10}
+    scores = {"a": 0.9, "b": 0.8, "c": 0.3, "d": 0.2}
+    assert budgeted.select_within_budget(scores, sizes, 100) == ("a", "c", "d")
+    # Ties go in the order of sizes.
+    tied = dict.fromkeys(sizes, 0.5)
+    assert budgeted.select_within_budget(tied, sizes, 70) == ("a", "d")
+
+  @pytest.mark.parametrize("budget, error, message", [
+      (0, ValueError, "> 0, got 0"),
+      (-5, ValueError, "> 0, got -5"),
+      (2.5, TypeError, "whole number of parameters, got 2.5"),
+      (float("nan"), ValueError, "NaN"),
+      (True, TypeError, "got True of type bool"),
+      ("100", TypeError, "got '100' of type str"),
+  ])
+  def test_bad_budgets(self, budget, error, message):
+    with pytest.raises(error, match=message):
+      budgeted.select_within_budget({"a": 1.0}, {"a": 3}, budget)
+
+  def test_whole_budgets_of_other_types_are_accepted(self):
+    for budget in (np.int64(3), 3.0, jnp.asarray(3)):
+      assert budgeted.select_within_budget({"a": 1.0}, {"a": 3}, budget) == (
+          "a",)
+
+  def test_scores_and_sizes_naming_other_layers(self):
+    with pytest.raises(ValueError, match=r"size but no score: \['b'\].*"
+                       r"score but no size: \['c'\]"):
+      budgeted.select_within_budget({"a": 1.0, "c": 1.0}, {"a": 3, "b": 4}, 10)
+    with pytest.raises(ValueError, match="score of layer 'a' is NaN"):
+      budgeted.select_within_budget({"a": math.nan}, {"a": 3}, 10)
+    with pytest.raises(ValueError, match="size of layer 'a'"):
+      budgeted.select_within_budget({"a": 1.0}, {"a": 0}, 10)
