@@ -33,6 +33,8 @@ Example:
 
 from multirate_optax._budget import (
     budget_penalty, expected_cost, select_within_budget)
+from multirate_optax._gate_policy import (
+    FEATURE_NAMES, Policy, layer_features, sample_gates)
 from multirate_optax._reparametrized import (
     apply_deltas, candidate_layers, init_deltas, layer_sizes, merge)
 from multirate_optax._threshold_gates import (
@@ -43,11 +45,15 @@ __all__ = (
     "budget_penalty",
     "candidate_layers",
     "expected_cost",
+    "FEATURE_NAMES",
     "init_deltas",
     "init_scores",
+    "layer_features",
     "layer_sizes",
     "merge",
     "penalty_weight",
+    "Policy",
+    "sample_gates",
     "select_within_budget",
     "sparsity_penalty",
     "threshold_gates",

@@ -299,3 +299,111 @@ class TestSelectWithinBudget:
       budgeted.select_within_budget({"a": math.nan}, {"a": 3}, 10)
     with pytest.raises(ValueError, match="size of layer 'a'"):
       budgeted.select_within_budget({"a": 1.0}, {"a": 0}, 10)
+
+
+class TestPolicy:
+
+  SIZES = {"a": 100, "b": 40, "c": 10}
+
+  def probs(self):
+    return {"a": jnp.asarray(0.2), "b": jnp.asarray(0.5), "c": jnp.asarray(1.0)}
+
+  def test_expected_cost_is_the_sum_of_probability_times_size(self):
+    cost = budgeted.expected_cost(self.probs(), self.SIZES)
+    assert float(cost) == pytest.approx(0.2 * 100 + 0.5 * 40 + 1.0 * 10)
+
+  def test_budget_penalty_is_zero_within_the_budget(self):
+    probs = self.probs()  # Expected cost 50.
+    for budget in (50, 51, 1000):
+      assert float(budgeted.budget_penalty(probs, self.SIZES, budget)) == 0.0
+    assert float(budgeted.budget_penalty(probs, self.SIZES, 40)) == (
+        pytest.approx(50 / 40 - 1))
+    grads = jax.grad(budgeted.budget_penalty)(probs, self.SIZES, 40)
+    assert {k: float(v) for k, v in grads.items()} == pytest.approx(
+        {k: n / 40 for k, n in self.SIZES.items()})
+    with pytest.raises(ValueError, match="> 0"):
+      budgeted.budget_penalty(probs, self.SIZES, 0)
+
+  def test_layer_features_by_hand(self, convnet):
+    _, params, _ = convnet
+    deltas = random_deltas(params, LAYERS)
+    deltas[LAYERS[1]] = deltas[LAYERS[1]] * 0.0
+    features = np.asarray(budgeted.layer_features(params, deltas, LAYERS))
+    sizes = np.array([72, 20, 15], float)
+    change = np.array([np.linalg.norm(deltas[l]) / np.linalg.norm(
+        weight(params, l)) for l in LAYERS])
+    expected = np.stack([np.log1p(sizes) / np.log1p(72), sizes / sizes.sum(),
+                         [0.0, 0.5, 1.0], change / change.max()], axis=1)
+    np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-7)
+    assert features.shape == (3, len(budgeted.FEATURE_NAMES))
+
+  def test_sampled_gates_are_0_or_1_with_the_policy_probabilities(self):
+    probs = {"a": jnp.asarray(0.1), "b": jnp.asarray(0.5),
+             "c": jnp.asarray(0.9)}
+    draws = jax.jit(jax.vmap(budgeted.sample_gates, in_axes=(0, None)))(
+        jax.random.split(jax.random.key(0), 4000), probs)
+    for layer, p in probs.items():
+      values = np.asarray(draws[layer])
+      assert set(np.unique(values)) <= {0.0, 1.0}
+      assert abs(values.mean() - float(p)) < 0.03
+
+  def test_gradient_reaches_the_policy_through_the_sampled_gates(self):
+    layers = ("a", "b", "c")
+    policy = budgeted.Policy(layers, hidden=8)
+    policy_params = policy.init(jax.random.key(0), num_features=2)
+    features = jnp.asarray([[0.1, 0.9], [0.5, 0.2], [1.0, 0.0]])
+    weights = {"a": 2.0, "b": -1.0, "c": 0.5}
+
+    def loss(policy_params, key):
+      probs = policy.apply(policy_params, features, 0.25)
+      gates = budgeted.sample_gates(key, probs)
+      return sum(weights[l] * gates[l] for l in layers)
+
+    grads = jax.jit(jax.grad(loss))(policy_params, jax.random.key(3))
+    # Straight through: as if the gates were the probabilities.
+    def mean_loss(policy_params):
+      probs = policy.apply(policy_params, features, 0.25)
+      return sum(weights[l] * probs[l] for l in layers)
+    expected = jax.grad(mean_loss)(policy_params)
+    jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, rtol=1e-6),
+                 grads, expected)
+    # By hand for the per-layer bias: w_l * sigmoid'(logit_l).
+    probs = np.asarray(jax.nn.sigmoid(policy.logits(policy_params, features,
+                                                    0.25)))
+    np.testing.assert_allclose(
+        grads["layer_bias"],
+        [weights[l] * p * (1 - p) for l, p in zip(layers, probs)], rtol=1e-5)
+    assert np.all(np.abs(np.asarray(grads["hidden"]["kernel"])) > 0)
+
+  def test_policy_trained_on_the_penalty_gets_within_the_budget(self):
+    """A task that wants every layer, and a budget for about one of them."""
+    sizes = {"a": 100, "b": 40, "c": 10}
+    policy = budgeted.Policy(tuple(sizes), hidden=4)
+    policy_params = policy.init(jax.random.key(0), 1, initial_probability=0.9)
+    features = jnp.asarray([[1.0], [0.4], [0.1]])
+
+    def loss(policy_params, key):
+      probs = policy.apply(policy_params, features, 50 / 150)
+      gates = budgeted.sample_gates(key, probs)
+      task = -0.01 * sum(gates.values())
+      return task + budgeted.budget_penalty(probs, sizes, 50)
+
+    @jax.jit
+    def step(policy_params, key):
+      grads = jax.grad(loss)(policy_params, key)
+      return jax.tree.map(lambda p, g: p - 0.5 * g, policy_params, grads)
+
+    for key in jax.random.split(jax.random.key(1), 300):
+      policy_params = step(policy_params, key)
+    probs = policy.apply(policy_params, features, 50 / 150)
+    assert float(budgeted.expected_cost(probs, sizes)) <= 55
+    selection = budgeted.select_within_budget(probs, sizes, 50)
+    assert sum(sizes[l] for l in selection) <= 50
+
+  def test_policy_errors(self):
+    policy = budgeted.Policy(("a", "b"))
+    policy_params = policy.init(jax.random.key(0), 3)
+    with pytest.raises(ValueError, match=r"shape \[2, num_features\].*\(3, 3\)"):
+      policy.apply(policy_params, jnp.zeros((3, 3)), 0.1)
+    with pytest.raises(ValueError, match="initial_probability"):
+      policy.init(jax.random.key(0), 3, initial_probability=1.0)
