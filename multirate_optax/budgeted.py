@@ -39,6 +39,7 @@ from multirate_optax._reparametrized import (
     apply_deltas, candidate_layers, init_deltas, layer_sizes, merge)
 from multirate_optax._threshold_gates import (
     init_scores, penalty_weight, sparsity_penalty, threshold_gates)
+from multirate_optax._transfer import TransferTimetable, transfer
 
 __all__ = (
     "apply_deltas",
@@ -57,4 +58,6 @@ __all__ = (
     "select_within_budget",
     "sparsity_penalty",
     "threshold_gates",
+    "transfer",
+    "TransferTimetable",
 )

@@ -6,8 +6,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+import multirate_optax as mo
+from _probes import hlo_op_count
 from multirate_optax import budgeted
 
 
@@ -407,3 +410,130 @@ class TestPolicy:
       policy.apply(policy_params, jnp.zeros((3, 3)), 0.1)
     with pytest.raises(ValueError, match="initial_probability"):
       policy.init(jax.random.key(0), 3, initial_probability=1.0)
+
+
+class MLP(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    for width in (8, 8, 8):
+      x = nn.tanh(nn.Dense(width)(x))
+    return nn.Dense(3)(x)
+
+
+def softmax_loss(logits, y):
+  return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None],
+                                       axis=1))
+
+
+class TestTransfer:
+
+  def test_unselected_changes_stay_zero_and_selected_ones_follow_sgd(
+      self, convnet):
+    model, params, x = convnet
+    y = jnp.asarray([0, 2])
+    selection = (LAYERS[0], LAYERS[2])
+    everything_on = dict.fromkeys(LAYERS, 1.0)  # Gradients reach every dW.
+
+    def loss_fn(trainable, x, y):
+      weights = budgeted.apply_deltas(params, trainable["deltas"],
+                                      everything_on)
+      logits = model.apply(weights, x) + trainable["head"]["bias"]
+      return softmax_loss(logits, y)
+
+    optimizer = optax.chain(optax.add_decayed_weights(0.01),
+                            optax.sgd(0.1, momentum=0.9))
+    deltas = budgeted.init_deltas(params, LAYERS)
+    tx = budgeted.transfer(selection, optimizer, deltas, also_train="^head/")
+    step = mo.train_step(loss_fn, tx)
+    trainable = {"deltas": deltas, "head": {"bias": jnp.zeros(3)}}
+    opt_state = tx.init(trainable)
+    # Reference: SGD with momentum and decay on the trained leaves alone
+    # (its own arrays: the step donates the ones it is given).
+    zeros = budgeted.init_deltas(params, LAYERS)
+    trained = {"deltas": {l: zeros[l] for l in selection},
+               "head": {"bias": jnp.zeros(3)}}
+    frozen = {l: zeros[l] for l in LAYERS if l not in selection}
+    velocity = jax.tree.map(jnp.zeros_like, trained)
+    reference_grad = jax.jit(jax.grad(
+        lambda t: loss_fn({"deltas": {**t["deltas"], **frozen},
+                           "head": t["head"]}, x, y)))
+    for _ in range(4):
+      trainable, opt_state, _ = step(trainable, opt_state, x, y)
+      grads = reference_grad(trained)
+      velocity = jax.tree.map(lambda v, g, p: 0.9 * v + g + 0.01 * p,
+                              velocity, grads, trained)
+      trained = jax.tree.map(lambda p, v: p - 0.1 * v, trained, velocity)
+    for layer in LAYERS:
+      if layer in selection:
+        np.testing.assert_allclose(trainable["deltas"][layer],
+                                   trained["deltas"][layer], rtol=1e-5,
+                                   atol=1e-7)
+        assert np.any(np.asarray(trainable["deltas"][layer]) != 0)
+      else:
+        assert not np.any(np.asarray(trainable["deltas"][layer]))
+    np.testing.assert_allclose(trainable["head"]["bias"],
+                               trained["head"]["bias"], rtol=1e-5)
+
+  def test_no_backward_work_for_unselected_layers(self):
+    model = MLP()
+    x, y = jnp.ones((4, 5)), jnp.asarray([0, 1, 2, 0])
+    params = model.init(jax.random.key(0), x)
+    layers = budgeted.candidate_layers(params)
+    assert len(layers) == 4
+    deltas = budgeted.init_deltas(params, layers)
+    everything_on = dict.fromkeys(layers, 1.0)
+
+    def loss_fn(trainable, x, y):
+      weights = budgeted.apply_deltas(params, trainable["deltas"],
+                                      everything_on)
+      return softmax_loss(model.apply(weights, x), y)
+
+    def dots(selection):
+      tx = budgeted.transfer(selection, optax.sgd(0.1), deltas)
+      step = mo.train_step(loss_fn, tx, dispatch="host")
+      trainable = {"deltas": deltas}
+      return hlo_op_count(step.program(trainable, tx.init(trainable), x, y,
+                                       phase=0), "dot")
+
+    # Forward 4 dots; all layers: 4 weight gradients + 3 input gradients;
+    # the last two: 2 weight gradients + 1 input gradient.
+    assert dots(layers) == 11
+    assert dots(layers[2:]) == 7
+    assert dots(layers[3:]) == 5
+
+  def test_conv_weight_gradient_only_when_selected(self, convnet):
+    model, params, x = convnet
+    deltas = budgeted.init_deltas(params, LAYERS)
+    everything_on = dict.fromkeys(LAYERS, 1.0)
+
+    def loss_fn(trainable, x):
+      weights = budgeted.apply_deltas(params, trainable["deltas"],
+                                      everything_on)
+      return jnp.sum(model.apply(weights, x) ** 2)
+
+    def convolutions(selection):
+      tx = budgeted.transfer(selection, optax.sgd(0.1), deltas)
+      step = mo.train_step(loss_fn, tx, dispatch="host")
+      trainable = {"deltas": deltas}
+      return hlo_op_count(
+          step.program(trainable, tx.init(trainable), x, phase=0),
+          "convolution")
+
+    assert convolutions(LAYERS) == 2  # Forward and weight gradient.
+    assert convolutions(LAYERS[1:]) == 1  # Forward only.
+
+  def test_errors(self, convnet):
+    _, params, _ = convnet
+    deltas = budgeted.init_deltas(params, LAYERS[:2])
+    with pytest.raises(ValueError, match=r"'params/Dense_1/kernel' is not in "
+                       r"the changes.*'params/Conv_0/kernel'"):
+      budgeted.transfer([LAYERS[2]], optax.sgd(0.1), deltas)
+    tx = budgeted.transfer([LAYERS[0]], optax.sgd(0.1), deltas)
+    with pytest.raises(ValueError, match=r"keys \['changes'\].*'deltas'"):
+      tx.init({"changes": deltas})
+    with pytest.raises(ValueError, match=r"'params/Conv_0/kernel' is not in "
+                       r"the trainable tree's 'deltas'"):
+      tx.init({"deltas": {LAYERS[1]: deltas[LAYERS[1]]}})
+    with pytest.raises(ValueError, match="would train nothing"):
+      budgeted.transfer([], optax.sgd(0.1), deltas).init({"deltas": deltas})
