@@ -537,3 +537,68 @@ class TestTransfer:
       tx.init({"deltas": {LAYERS[1]: deltas[LAYERS[1]]}})
     with pytest.raises(ValueError, match="would train nothing"):
       budgeted.transfer([], optax.sgd(0.1), deltas).init({"deltas": deltas})
+
+
+class TestArtefact:
+
+  def trained(self, convnet):
+    """A few transfer steps on two layers, and a new head bias."""
+    model, params, x = convnet
+    y = jnp.asarray([1, 2])
+    selection = (LAYERS[0], LAYERS[2])
+    deltas = budgeted.init_deltas(params, LAYERS)
+    gates = {l: float(l in selection) for l in LAYERS}
+
+    def loss_fn(trainable, x, y):
+      return softmax_loss(model.apply(
+          budgeted.apply_deltas(params, trainable["deltas"], gates), x), y)
+
+    tx = budgeted.transfer(selection, optax.adam(0.05), deltas)
+    step = mo.train_step(loss_fn, tx)
+    trainable = {"deltas": deltas}
+    opt_state = tx.init(trainable)
+    for _ in range(3):
+      trainable, opt_state, _ = step(trainable, opt_state, x, y)
+    return trainable["deltas"], selection
+
+  def test_a_reloaded_artefact_reproduces_the_outputs(self, convnet, tmp_path):
+    from multirate_optax import checkpoint
+    model, params, x = convnet
+    deltas, selection = self.trained(convnet)
+    head_bias = jnp.asarray([0.5, -1.0, 2.0])
+    task = budgeted.merge(params, deltas, selection)
+    task["params"]["Dense_1"]["bias"] = head_bias
+    expected = model.apply(task, x)
+    checkpoint.save_transfer(tmp_path / "task", deltas, selection,
+                             replaced={"params/Dense_1/bias": head_bias})
+    loaded = checkpoint.load_transfer(tmp_path / "task", params)
+    np.testing.assert_array_equal(model.apply(loaded, x), expected)
+    assert (jax.tree.map(lambda a: (a.shape, a.dtype), loaded)
+            == jax.tree.map(lambda a: (a.shape, a.dtype), params))
+    assert not np.array_equal(expected, model.apply(params, x))
+    # Only the selected changes (and the replaced leaf) are stored.
+    stored = jax.tree.leaves(checkpoint.ocp.StandardCheckpointer().restore(
+        tmp_path / "task" / checkpoint.ARRAYS_ITEM))
+    assert sorted(a.size for a in stored) == sorted(
+        [3, 72, 15])
+
+  def test_loading_onto_another_backbone_is_refused(self, convnet, tmp_path):
+    from multirate_optax import checkpoint
+    _, params, _ = convnet
+    deltas, selection = self.trained(convnet)
+    checkpoint.save_transfer(tmp_path / "task", deltas, selection)
+    other = jax.tree.map(lambda a: a, params)
+    other["params"]["Dense_1"]["kernel"] = jnp.zeros((6, 3))
+    with pytest.raises(ValueError, match=r"layer 'params/Dense_1/kernel' with "
+                       r"shape \(5, 3\), but the base parameters have shape "
+                       r"\(6, 3\)"):
+      checkpoint.load_transfer(tmp_path / "task", other)
+    del other["params"]["Dense_1"]
+    with pytest.raises(ValueError, match=r"'params/Dense_1/kernel' is not in "
+                       r"the base parameters.*'params/Dense_0/kernel'"):
+      checkpoint.load_transfer(tmp_path / "task", other)
+    with pytest.raises(ValueError, match="holds no transfer artefact"):
+      checkpoint.load_transfer(tmp_path / "nothing", params)
+    with pytest.raises(ValueError, match=r"'params/Dense_0/kernel' is not in "
+                       r"the changes"):
+      checkpoint.save_transfer(tmp_path / "bad", {}, [LAYERS[1]])
