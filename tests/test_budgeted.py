@@ -1,6 +1,8 @@
 """Budgeted transfer (SWR/TAPS): reparametrized layers, gates, the budget."""
 
 import math
+import re
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -602,3 +604,15 @@ class TestArtefact:
     with pytest.raises(ValueError, match=r"'params/Dense_0/kernel' is not in "
                        r"the changes"):
       checkpoint.save_transfer(tmp_path / "bad", {}, [LAYERS[1]])
+
+
+def test_readme_example_runs():
+  readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+  code = re.search(r"## Budgeted transfer \(SWR/TAPS\)\n.*?```python\n(.*?)```",
+                   readme, re.S).group(1)
+  namespace: dict = {}
+  exec(compile(code, "README.md", "exec"), namespace)
+  assert namespace["selection"] == ("head/kernel",)  # body (16) exceeds 10.
+  merged = budgeted.merge(namespace["base"], namespace["state"]["deltas"],
+                          namespace["selection"])
+  jax.tree.map(np.testing.assert_array_equal, namespace["task_params"], merged)
