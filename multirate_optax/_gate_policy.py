@@ -8,16 +8,8 @@ by :func:`sample_gates`, plus :func:`budget_penalty` on the expected number
 of changed parameters; the final choice is then
 :func:`select_within_budget` on the probabilities.
 
-Gate estimator: straight-through Bernoulli. Each gate is drawn as exactly 0
-or 1 with probability ``p_l`` in the forward pass, and its gradient is passed
-to ``p_l`` unchanged (``d g_l / d p_l = 1``). Why: the forward pass then runs
-the very networks that can be merged (0/1 gates, as at inference), unlike a
-relaxed Gumbel/concrete gate, whose fractional gates train a model that is
-never deployed and need a temperature schedule; the gradient has the low
-variance of TAPS's straight-through scores, which the method builds on,
-where REINFORCE's has a variance that grows with the number of layers (tens
-to hundreds here) and needs baselines. The price is a biased gradient. The
-paper does not say which estimator it uses (REFERENCE §4).
+The gates are drawn by :func:`sample_gates`, a straight-through Bernoulli
+estimator; its docstring says why.
 """
 
 from __future__ import annotations
@@ -180,9 +172,17 @@ def sample_gates(key: jax.Array, probabilities: Mapping[str, jax.Array]
                  ) -> dict[str, jax.Array]:
   """Straight-through Bernoulli gates: exactly 0 or 1, ``d g_l / d p_l = 1``.
 
-  Each gate is 1 with probability ``p_l``, independently; the gradient
-  reaches ``p_l`` as if the gate were ``p_l`` itself (see the module
-  docstring for why this estimator).
+  Each gate is 1 with probability ``p_l``, independently, in the forward
+  pass; the gradient reaches ``p_l`` as if the gate were ``p_l`` itself.
+
+  Why this estimator (the SWR paper does not say which it uses, REFERENCE
+  §4): the forward pass runs exactly the networks that can be merged (0/1
+  gates, as at inference), unlike a relaxed Gumbel/concrete gate, whose
+  fractional gates train a model that is never deployed and need a
+  temperature schedule; and its gradient has the low variance of TAPS's
+  straight-through scores, which SWR builds on, where REINFORCE's variance
+  grows with the number of layers (tens to hundreds) and needs a baseline.
+  The price is a biased gradient.
 
   Args:
     key: a JAX random key.

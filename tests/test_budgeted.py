@@ -369,7 +369,7 @@ class TestPolicy:
     def mean_loss(policy_params):
       probs = policy.apply(policy_params, features, 0.25)
       return sum(weights[l] * probs[l] for l in layers)
-    expected = jax.grad(mean_loss)(policy_params)
+    expected = jax.jit(jax.grad(mean_loss))(policy_params)
     jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, rtol=1e-6),
                  grads, expected)
     # By hand for the per-layer bias: w_l * sigmoid'(logit_l).
@@ -398,8 +398,11 @@ class TestPolicy:
       grads = jax.grad(loss)(policy_params, key)
       return jax.tree.map(lambda p, g: p - 0.5 * g, policy_params, grads)
 
-    for key in jax.random.split(jax.random.key(1), 300):
-      policy_params = step(policy_params, key)
+    def steps(policy_params, keys):
+      return jax.lax.scan(lambda p, k: (step(p, k), None), policy_params,
+                          keys)[0]
+    policy_params = jax.jit(steps)(policy_params,
+                                   jax.random.split(jax.random.key(1), 300))
     probs = policy.apply(policy_params, features, 50 / 150)
     assert float(budgeted.expected_cost(probs, sizes)) <= 55
     selection = budgeted.select_within_budget(probs, sizes, 50)
