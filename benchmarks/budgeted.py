@@ -959,6 +959,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   parser.add_argument("--full", action="store_true",
                       help="the reported run (default: quick)")
   parser.add_argument("--seeds", type=int, help="number of seeds")
+  parser.add_argument("--first-seed", type=int, default=0)
   parser.add_argument("--epochs", type=int)
   parser.add_argument("--stage-epochs", type=int, nargs=3)
   parser.add_argument("--taps-weights", type=float, nargs="+")
@@ -969,8 +970,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args = parser.parse_args(argv)
   config = FULL if args.full else QUICK
   changes = {}
-  if args.seeds:
-    changes["seeds"] = tuple(range(args.seeds))
+  if args.seeds or args.first_seed:
+    count = args.seeds or len(config.seeds)
+    changes["seeds"] = tuple(range(args.first_seed, args.first_seed + count))
   if args.epochs:
     changes["epochs"] = args.epochs
   if args.stage_epochs:
