@@ -9,6 +9,7 @@ first use, so importing this package does not import Flax.
 import importlib
 from typing import Any
 
+from multirate_optax import budgeted
 from multirate_optax._cost import CostEstimate, estimate_saving
 from multirate_optax._dispatch import resolve_dispatch
 from multirate_optax._freezeout import (
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 _LAZY_SUBMODULES = ("checkpoint", "linen", "nnx")
 
 __all__ = (
+    "budgeted",
     "CostEstimate",
     "describe_widths",
     "element_stages",

@@ -16,6 +16,10 @@ where it stopped. ``'host'`` dispatch needs nothing more: a train step re-reads
 its host-side count from any state it did not return itself, such as a
 restored one.
 
+:func:`save_transfer` and :func:`load_transfer` store the per-task artefact of
+budgeted transfer (:mod:`multirate_optax.budgeted`): the selected layers'
+changes only, to be merged into the shared backbone when loaded.
+
 Example:
   >>> import tempfile
   >>> import jax.numpy as jnp, optax
@@ -37,12 +41,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable, Mapping
 from typing import Any, Optional, Union
 
 import jax
 import orbax.checkpoint as ocp
 
 from multirate_optax._groups import path_str
+from multirate_optax._reparametrized import (
+    leaves_by_path, merge, unknown_layer_error)
 from multirate_optax._timetable import TimetableState, find_timetable_state
 
 PyTree = Any
@@ -262,3 +269,144 @@ def _check_same_timetable(expected: dict[str, Any], found: Any, where: str,
       f"{'; ...' if len(differ) > 5 else ''}). 'expected' is the target "
       "state's label, 'found' the checkpoint's; build the optimizer with the "
       "labels of the run that wrote it.")
+
+
+TRANSFER_ITEM = "transfer"
+ARRAYS_ITEM = "arrays"
+_TRANSFER_FORMAT = 1
+
+
+def save_transfer(
+    path: Union[str, os.PathLike],
+    deltas: Mapping[str, Any],
+    selection: Iterable[str],
+    *,
+    replaced: Optional[Mapping[str, Any]] = None,
+    force: bool = False,
+) -> None:
+  """Saves a task's artefact: the changes ``dW_l`` of the selected layers only.
+
+  Two orbax items: ``'arrays'`` (the selected changes, and the ``replaced``
+  leaves) and ``'transfer'`` (JSON: the selection, and each array's layer,
+  shape and dtype), so that :func:`load_transfer` can check a backbone
+  before merging.
+
+  Args:
+    path: the directory to write (it must not exist, unless ``force``).
+    deltas: ``{layer: dW_l}``; only the selected entries are stored.
+    selection: the adapted layers, e.g. from
+      :func:`multirate_optax.budgeted.select_within_budget`.
+    replaced: ``{path: array}``, leaves stored whole that replace the
+      backbone's on loading (a task's own classifier head, say).
+    force: overwrite an existing ``path``.
+
+  Example:
+    >>> import os, tempfile
+    >>> import jax.numpy as jnp
+    >>> from multirate_optax import budgeted, checkpoint
+    >>> base = {'a': {'kernel': jnp.zeros((2, 2))}, 'b': {'kernel': jnp.zeros((2, 2))}}
+    >>> deltas = {'a/kernel': jnp.ones((2, 2)), 'b/kernel': jnp.ones((2, 2))}
+    >>> path = os.path.join(tempfile.mkdtemp(), 'task')
+    >>> checkpoint.save_transfer(path, deltas, ['b/kernel'])
+    >>> merged = checkpoint.load_transfer(path, base)
+    >>> merged['a']['kernel'].tolist(), merged['b']['kernel'].tolist()
+    ([[0.0, 0.0], [0.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]])
+  """
+  selection = tuple(selection)
+  for layer in selection:
+    if layer not in deltas:
+      raise unknown_layer_error(layer, deltas, "the changes (deltas)")
+  replaced = dict(replaced or {})
+  both = [layer for layer in selection if layer in replaced]
+  if both:
+    raise ValueError(
+        f"layers {both} are both selected and replaced; a leaf is either "
+        "changed by its dW or stored whole.")
+  arrays = {"deltas": [deltas[layer] for layer in selection],
+            "replaced": list(replaced.values())}
+  metadata = {
+      "format": _TRANSFER_FORMAT,
+      "selection": list(selection),
+      "deltas": [_describe_array(layer, deltas[layer]) for layer in selection],
+      "replaced": [_describe_array(p, a) for p, a in replaced.items()],
+  }
+  items = {TRANSFER_ITEM: ocp.args.JsonSave(metadata)}
+  if selection or replaced:
+    items[ARRAYS_ITEM] = ocp.args.StandardSave(arrays)
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    checkpointer.save(_absolute(path), args=ocp.args.Composite(**items),
+                      force=force)
+
+
+def load_transfer(path: Union[str, os.PathLike], base_params: PyTree) -> PyTree:
+  """The task's model: ``base_params`` with the artefact's changes merged in.
+
+  Args:
+    path: the directory written by :func:`save_transfer`.
+    base_params: the shared backbone's parameters the changes were trained
+      on (the ``W0``), concrete arrays.
+
+  Returns:
+    Plain parameters with the structure, shapes and dtypes of
+    ``base_params``: ``W0 + dW`` on the selected layers, the replaced leaves
+    as saved, ``W0`` elsewhere (see :func:`multirate_optax.budgeted.merge`).
+
+  Raises:
+    ValueError: if ``path`` holds no transfer artefact, or a stored layer is
+      not in ``base_params`` or has another shape there (naming the layer).
+  """
+  path = _absolute(path)
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    try:
+      metadata = checkpointer.restore(path, args=ocp.args.Composite(**{
+          TRANSFER_ITEM: ocp.args.JsonRestore()}))[TRANSFER_ITEM]
+    except (FileNotFoundError, KeyError, ValueError) as e:
+      raise ValueError(
+          f"{path} holds no transfer artefact written by "
+          f"multirate_optax.checkpoint.save_transfer ({type(e).__name__}: "
+          f"{e}).") from e
+    if not isinstance(metadata, dict) or metadata.get(
+        "format") != _TRANSFER_FORMAT:
+      raise ValueError(
+          f"{path} holds transfer metadata of another format "
+          f"({str(metadata)[:200]!r}); this version reads format "
+          f"{_TRANSFER_FORMAT}.")
+    leaves = leaves_by_path(base_params)
+    targets = {
+        kind: [_target(entry, leaves, path) for entry in metadata[kind]]
+        for kind in ("deltas", "replaced")}
+    if not (targets["deltas"] or targets["replaced"]):
+      return merge(base_params, {}, ())
+    arrays = checkpointer.restore(path, args=ocp.args.Composite(**{
+        ARRAYS_ITEM: ocp.args.StandardRestore(targets)}))[ARRAYS_ITEM]
+  selection = metadata["selection"]
+  merged = merge(base_params, dict(zip(selection, arrays["deltas"])),
+                 selection)
+  whole = {entry["layer"]: array for entry, array
+           in zip(metadata["replaced"], arrays["replaced"])}
+  return jax.tree_util.tree_map_with_path(
+      lambda p, leaf: whole[path_str(p)].astype(leaf.dtype)
+      if path_str(p) in whole else leaf, merged)
+
+
+def _absolute(path: Union[str, os.PathLike]) -> str:
+  path = os.fspath(path)
+  return path if "://" in path else os.path.abspath(path)
+
+
+def _describe_array(layer: str, array: Any) -> dict[str, Any]:
+  return {"layer": layer, "shape": list(array.shape),
+          "dtype": jax.numpy.dtype(array.dtype).name}
+
+
+def _target(entry: dict[str, Any], leaves: Mapping[str, Any],
+            path: str) -> jax.ShapeDtypeStruct:
+  layer, shape = entry["layer"], tuple(entry["shape"])
+  if layer not in leaves:
+    raise unknown_layer_error(layer, leaves, "the base parameters")
+  if tuple(leaves[layer].shape) != shape:
+    raise ValueError(
+        f"the artefact in {path} holds layer {layer!r} with shape {shape}, "
+        f"but the base parameters have shape {tuple(leaves[layer].shape)} "
+        "there: load it onto the backbone it was trained from.")
+  return jax.ShapeDtypeStruct(shape, jax.numpy.dtype(entry["dtype"]))
