@@ -139,8 +139,9 @@ class PhaseDispatch:
       if isinstance(count, jax.core.Tracer):
         raise TypeError(
             "a train step with 'host' dispatch was called inside a JAX "
-            "transformation (jax.jit, nnx.jit, scan, ...), where the step "
-            "count is not known on the host: build the step with "
+            "transformation (jax.jit, nnx.jit, scan, jax.vmap, ...), where "
+            "the step count is not known on the host (under jax.vmap each "
+            "member may be at another step): build the step with "
             "dispatch='cond', or call its .apply method (one lax.switch "
             "program) inside your own jit.")
       # Exact types: every optax state is a NamedTuple, a tuple subclass.
