@@ -11,13 +11,21 @@ cycles of k steps, so its time per step is the average over a cycle.
   ideal      = t_full / ((t_full + (k - 1) t_fast) / k)
   efficiency = speedup / ideal
 
+Each row also gives the peak memory of its programs from XLA's analysis of the
+compiled program (arguments + outputs - donated reuse + temporaries): the one
+``lax.switch`` program for ``'cond'``, the larger phase program for
+``'host'``, and either against the full phase's (phase 0) program. The Linen
+and NNX train steps run on the same model beside the core one (``'auto'``
+dispatch), as a ratio of their time per step to the core step's.
+
 Run from the repository root::
 
   python -m benchmarks.step_speed --quick --json results/step_speed.json
 
 Timings are medians over repeats after warm-up, with the variants' blocks of
 steps interleaved so that changes of machine load fall on all of them alike;
-on a shared 2-core CPU only the ratios mean much.
+on a shared 2-core CPU only the ratios mean much, and ``--clock cpu`` (CPU time
+of this process) moves less with other jobs' load than wall-clock time.
 """
 
 from __future__ import annotations
@@ -41,6 +49,22 @@ from benchmarks._report import write_json
 
 PERIODS = (2, 5, 10)
 LEARNING_RATE, MOMENTUM = 0.01, 0.9
+# Wall-clock time, or the CPU time of this process (all its threads): on a
+# CPU shared with other jobs the latter moves much less with their load.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK = "wall"
+MIB = 2.0 ** 20
+
+
+def peak_bytes(lowered: jax.stages.Lowered) -> int:
+  """Peak memory of a program from XLA's analysis of the compiled program.
+
+  Arguments and outputs, less the outputs that reuse donated arguments'
+  buffers, plus the temporary buffers.
+  """
+  m = lowered.compile().memory_analysis()
+  return (m.argument_size_in_bytes + m.output_size_in_bytes
+          - m.alias_size_in_bytes + m.temp_size_in_bytes)
 
 
 class ResidualBlock(nn.Module):
@@ -169,11 +193,11 @@ class Runner:
   def block(self) -> float:
     """Runs a block of steps; returns the mean time per step."""
     jax.block_until_ready(self.arrays(self.state))
-    start = time.perf_counter()
+    start = CLOCKS[CLOCK]()
     for _ in range(self.steps_per_block):
       self.state, loss = self.step(self.state, self.batch)
     jax.block_until_ready(loss)
-    return (time.perf_counter() - start) / self.steps_per_block
+    return (CLOCKS[CLOCK]() - start) / self.steps_per_block
 
 
 def core_runner(step, params, opt_state, batch, steps_per_block, repeats):
@@ -259,12 +283,18 @@ def bench_model(name: str, batch_size: int, repeats: int, cycles: int,
     return mo.multirate(optax.sgd(LEARNING_RATE / k, momentum=MOMENTUM),
                         labels=mo.fast_by_path("^head/"), period=k)
 
+  memory = {"full": peak_bytes(plain_step(loss_fn, tx, False).lower(
+      params, tx.init(params), batch))}
   for dispatch in dispatches:
     for k in cond_periods if dispatch == "cond" else periods:
       multi = multirate_tx(k)
+      step = mo.train_step(loss_fn, multi, dispatch=dispatch, donate=True)
+      state = (params, multi.init(params), batch)
+      memory[dispatch, k] = (
+          [peak_bytes(step.program(*state, phase=phase)) for phase in (0, 1)],
+          peak_bytes(step.program(*state)) if dispatch == "cond" else None)
       runners[dispatch, k] = core_runner(
-          mo.train_step(loss_fn, multi, dispatch=dispatch, donate=True), copy(params),
-          multi.init(params), batch, k * cycles,
+          step, copy(params), multi.init(params), batch, k * cycles,
           cond_repeats if dispatch == "cond" else repeats)
   # The Linen and NNX steps on the same model, with 'auto' dispatch, beside
   # the core step with the same dispatch.
@@ -296,10 +326,19 @@ def bench_model(name: str, batch_size: int, repeats: int, cycles: int,
   for (dispatch, k), t_step in times.items():
     ideal = t_full / ((t_full + (k - 1) * t_fast) / k)
     speedup = t_full / t_step
+    phase_peaks, switch_peak = memory.get((dispatch, k), (None, None))
+    peak = switch_peak if dispatch == "cond" else (
+        max(phase_peaks) if phase_peaks else None)
     rows.append(dict(model=name, dispatch=dispatch, k=k,
                      t_full_ms=1e3 * t_full, t_fast_ms=1e3 * t_fast,
                      t_step_ms=1e3 * t_step, speedup=speedup, ideal=ideal,
-                     efficiency=speedup / ideal))
+                     efficiency=speedup / ideal, clock=CLOCK,
+                     peak_mib=peak and peak / MIB,
+                     phase_peaks_mib=phase_peaks and [
+                         b / MIB for b in phase_peaks],
+                     full_peak_mib=memory["full"] / MIB,
+                     peak_vs_full_phase=peak and phase_peaks and (
+                         peak / phase_peaks[0])))
     print_row(rows[-1])
   steps = []
   for (flavour, dispatch, k), t_step in flavour_times.items():
@@ -312,13 +351,15 @@ def bench_model(name: str, batch_size: int, repeats: int, cycles: int,
 
 HEADER = (f"{'model':<12} {'dispatch':<8} {'k':>3} {'t_full ms':>10} "
           f"{'t_fast ms':>10} {'t_step ms':>10} {'speedup':>8} {'ideal':>6} "
-          f"{'eff.':>6}")
+          f"{'eff.':>6} {'peak MiB':>9} {'/phase 0':>8}")
 
 
 def print_row(r: dict) -> None:
+  memory = (f"{r['peak_mib']:>9.1f} {r['peak_vs_full_phase']:>8.3f}"
+            if r["peak_mib"] else "")
   print(f"{r['model']:<12} {r['dispatch']:<8} {r['k']:>3} {r['t_full_ms']:>10.1f} "
         f"{r['t_fast_ms']:>10.1f} {r['t_step_ms']:>10.1f} {r['speedup']:>8.2f} "
-        f"{r['ideal']:>6.2f} {r['efficiency']:>6.3f}", flush=True)
+        f"{r['ideal']:>6.2f} {r['efficiency']:>6.3f} {memory}", flush=True)
 
 
 STEPS_HEADER = (f"{'model':<12} {'step':<6} {'dispatch':<8} {'k':>3} "
@@ -348,7 +389,12 @@ def main(argv=None) -> list[dict]:
                       choices=["linen", "nnx"],
                       help="train steps measured beside the core one, with "
                       "'auto' dispatch, on the same model")
+  parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                      help="time per step in wall-clock time, or in CPU time "
+                      "of this process (steadier on a shared CPU)")
   args = parser.parse_args(argv)
+  global CLOCK
+  CLOCK = args.clock
   repeats, cycles = (3, 1) if args.quick else (7, 2)
   # On CPU a conv net's slow step inside lax.cond takes seconds
   # (jax-ml/jax#12868): measure 'cond' with fewer repeats there.
@@ -377,7 +423,8 @@ def main(argv=None) -> list[dict]:
     for s in steps:
       print_step(s)
   write_json(dict(backend=jax.default_backend(), auto_dispatch=auto,
-                  jax_version=jax.__version__, quick=args.quick, rows=rows,
+                  jax_version=jax.__version__, quick=args.quick,
+                  clock=args.clock, rows=rows,
                   steps=steps),
              args.json)
   return rows

@@ -19,9 +19,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal, Optional
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from multirate_optax._timetable import Located, locate_timetable_state
+from multirate_optax._timetabled import tracing_phase
 
 Dispatch = Literal["auto", "cond", "host"]
 
@@ -78,17 +80,36 @@ class PhaseDispatch:
     self._donated = bool(donate_argnums)
     self._switch_program = jax.jit(self.switch, donate_argnums=donate_argnums)
     self._phase_program = jax.jit(
-        step_of_phase, static_argnums=0,
+        self._step_of_traced_phase, static_argnums=0,
         donate_argnums=tuple(i + 1 for i in donate_argnums))
     self._host_count = HostCount(donated=self._donated)
 
+  def _step_of_traced_phase(self, phase: int, *args) -> Sequence[Any]:
+    """``step_of_phase``, its optimizer told which phase it traces."""
+    timetable = locate_timetable_state(
+        args[self._state_argnum]).state.timetable
+    with tracing_phase(timetable, phase):
+      return self._step_of_phase(phase, *args)
+
   def switch(self, *args) -> Sequence[Any]:
-    """The step of every phase, one picked with ``jax.lax.switch``; traceable."""
+    """The step of every phase, one picked with ``jax.lax.switch``; traceable.
+
+    The branch of the phase that leaves the most parameter leaves untouched
+    comes first: XLA (before openxla/xla#46314) updates a buffer that a branch
+    passes through in place only when that branch is branch 0, and copies it
+    on every step otherwise (jax-ml/jax#16661, #38145).
+    """
     state = locate_timetable_state(args[self._state_argnum]).state
     timetable = state.timetable
-    branches = [functools.partial(self._step_of_phase, phase)
-                for phase in range(len(timetable.phases))]
-    return jax.lax.switch(timetable.phase(state.count), branches, *args)
+    phases = sorted(
+        range(len(timetable.phases)),
+        key=lambda phase: -state.active(phase).count(False))
+    branches = [functools.partial(self._step_of_traced_phase, phase)
+                for phase in phases]
+    branch_of_phase = jnp.asarray(
+        [phases.index(phase) for phase in range(len(phases))], jnp.int32)
+    return jax.lax.switch(branch_of_phase[timetable.phase(state.count)],
+                          branches, *args)
 
   def apply(self, *args) -> Sequence[Any]:
     """:meth:`switch` for a step's ``apply``, warning where it is slow.
@@ -162,8 +183,9 @@ class HostCount:
       if isinstance(count, jax.core.Tracer):
         raise TypeError(
             "a train step with 'host' dispatch was called inside a JAX "
-            "transformation (jax.jit, nnx.jit, scan, ...), where the step "
-            "count is not known on the host: build the step with "
+            "transformation (jax.jit, nnx.jit, scan, jax.vmap, ...), where "
+            "the step count is not known on the host (under jax.vmap each "
+            "member may be at another step): build the step with "
             "dispatch='cond', or call its .apply method (one lax.switch "
             "program) inside your own jit; for your own NNX step with host "
             "dispatch, decorate it with multirate_optax.nnx.jit.")

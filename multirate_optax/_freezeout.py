@@ -267,10 +267,12 @@ def freezeout(
           f"{timetable.num_layers - 1}, and each needs at least one.")
     return tuple(names[i] for i in per_leaf)
 
-  def groups(count):
+  def groups(count, active):
     if count is None:
       return {name: gated(optimizer, None) for name in names}
-    return {name: gated(optimizer, jnp.logical_not(timetable.is_frozen(i, count)),
+    return {name: gated(optimizer,
+                        name in active if active is not None else
+                        jnp.logical_not(timetable.is_frozen(i, count)),
                         scale=timetable.learning_rate_factor(i, count))
             for i, name in enumerate(names)}
 

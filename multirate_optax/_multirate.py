@@ -163,9 +163,10 @@ def multirate(
             "called with the step count.)")
     return resolved
 
-  def groups(count):
+  def groups(count, active):
     slow_step = (None if count is None else
                  True if timetable.period == 1 else
+                 SLOW in active if active is not None else
                  timetable.is_slow_step(count))
     return {FAST: fast,
             SLOW: gated(slow, slow_step, scale=slow_scale, hold=drift)}

@@ -220,7 +220,8 @@ def random_subgroups(
     return updates, own._replace(slow=slow, slow_values=slow_values,
                                  inner=inner)
 
-  def groups(count):
+  def groups(count, active):
+    del active  # One group, always active.
     return {ALL: optax.GradientTransformationExtraArgs(
         init_fn, functools.partial(update_fn, count))}
 

@@ -11,7 +11,9 @@ each one call of :func:`timetabled` with their own groups.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
@@ -23,6 +25,38 @@ from multirate_optax._timetable import Timetable, TimetableState
 
 PyTree = Any
 Count = Optional[jax.Array]  # None while the state is initialised.
+# The groups active in the phase a train step is tracing, when it says so.
+Active = Optional[frozenset[str]]
+
+_tracing = threading.local()
+
+
+@contextlib.contextmanager
+def tracing_phase(timetable: Timetable, phase: int) -> Iterator[None]:
+  """Tells the transformations that follow ``timetable`` the phase traced.
+
+  A train step traces each phase's step on its own (a branch of
+  ``lax.switch``, or a program of its own), and knows which phase that is:
+  inside this context the update of a :func:`timetabled` transformation with
+  this timetable takes its groups' activity from the phase rather than from
+  the count, so its gates are Python booleans, not conditionals on the count.
+  A conditional would carry every inactive group's optimizer state and
+  updates through its branches (copied on each step), and its pass-through
+  branch would keep XLA from updating the parameters in place.
+  """
+  outer = getattr(_tracing, "phase", None)
+  _tracing.phase = (timetable, phase)
+  try:
+    yield
+  finally:
+    _tracing.phase = outer
+
+
+def _active_in_traced_phase(timetable: Timetable) -> Active:
+  traced = getattr(_tracing, "phase", None)
+  if traced is None or traced[0] != timetable:
+    return None
+  return timetable.phases[traced[1]]
 
 
 class GateState(NamedTuple):
@@ -54,7 +88,7 @@ def gated(
   Args:
     inner: the group's optimizer.
     active: whether the group is active on this update (``None`` when only
-      ``init`` is used; a Python ``True`` skips the conditional).
+      ``init`` is used; a Python bool skips the conditional).
     scale: factor on ``inner``'s updates on active steps.
     hold: keep the last active step's updates and repeat them on inactive
       steps (multirate's linear drift).
@@ -86,6 +120,8 @@ def gated(
 
     if active is True:
       return run()
+    if active is False:
+      return stay()
     return jax.lax.cond(active, run, stay)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -95,7 +131,8 @@ def timetabled(
     timetable: Timetable,
     *,
     labels: Callable[[PyTree], tuple[str, ...]],
-    groups: Callable[[Count], Mapping[str, optax.GradientTransformation]],
+    groups: Callable[[Count, Active],
+                     Mapping[str, optax.GradientTransformation]],
 ) -> optax.GradientTransformationExtraArgs:
   """A transformation that follows ``timetable``, one optimizer per group.
 
@@ -104,8 +141,10 @@ def timetabled(
     labels: given the parameters (or updates with their structure), the group
       of every leaf in ``jax.tree.leaves`` order; raises a clear error for
       parameters it cannot label.
-    groups: given the count of the update (``None`` in ``init``), the
-      optimizer of each group, as for :func:`optax.partition`.
+    groups: given the count of the update (``None`` in ``init``) and, when a
+      train step traces one phase (see :func:`tracing_phase`), the groups
+      active in it (else ``None``: activity follows the count), the optimizer
+      of each group, as for :func:`optax.partition`.
 
   Returns:
     A transformation whose state is a :class:`TimetableState`.
@@ -122,19 +161,20 @@ def timetabled(
       labelled[treedef] = labels(tree)
     return labelled[treedef]
 
-  def partition(count: Count, per_leaf: tuple[str, ...]):
-    return optax.partition(groups(count), labels_like(per_leaf))
+  def partition(count: Count, active: Active, per_leaf: tuple[str, ...]):
+    return optax.partition(groups(count, active), labels_like(per_leaf))
 
   def init_fn(params):
     per_leaf = labels_of(params)
-    inner = partition(None, per_leaf).init(params)
+    inner = partition(None, None, per_leaf).init(params)
     return TimetableState(count=jnp.zeros([], jnp.int32), inner=inner,
                           timetable=timetable, labels=per_leaf)
 
   def update_fn(updates, state, params=None, **extra_args):
     _check_made_here(state, timetable, labels_of,
                      updates if params is None else params)
-    updates, inner = partition(state.count, state.labels).update(
+    active = _active_in_traced_phase(timetable)
+    updates, inner = partition(state.count, active, state.labels).update(
         updates, state.inner, params, **extra_args)
     return updates, state.advanced(inner)
 

@@ -30,6 +30,14 @@ def test_step_speed_writes_its_table_as_json(tmp_path, capsys):
     assert r["ideal"] == pytest.approx(
         r["t_full_ms"] / ((r["t_full_ms"] + (k - 1) * r["t_fast_ms"]) / k))
     assert r["efficiency"] == pytest.approx(r["speedup"] / r["ideal"])
+    # Peak memory from XLA's analysis: the switch program, or the larger
+    # phase program, against the full phase's.
+    assert len(r["phase_peaks_mib"]) == 2
+    want = r["peak_mib"] if r["dispatch"] == "cond" else max(
+        r["phase_peaks_mib"])
+    assert r["peak_mib"] == want > 0
+    assert r["peak_vs_full_phase"] == pytest.approx(
+        r["peak_mib"] / r["phase_peaks_mib"][0])
   assert "eff." in capsys.readouterr().out
   assert sum(r["auto"] for r in rows) == 1
   # The Linen and NNX steps beside the core one, same model, 'auto' dispatch.

@@ -116,6 +116,47 @@ def test_scan_over_steps_with_apply():
   chex.assert_trees_all_close(got, want[-1], rtol=1e-6, atol=1e-7)
 
 
+def test_vmapped_ensemble_of_members_at_different_counts():
+  """Each member of a vmapped ensemble trains as it would alone.
+
+  The members are at steps 0, 1 and 2 of period 3 (a slow step and two fast
+  ones) with their own parameters and minibatches; under vmap the count is
+  batched, lax.switch becomes a select over both phases' results, and each
+  member must get its own phase's.
+  """
+  tx = multirate_sgd_tx(3)
+  step = mo.train_step(mlp_loss, tx, dispatch="cond")
+  members, alone = [], []
+  for member in range(3):
+    params = mlp_params(seed=member)
+    opt_state = tx.init(params)
+    data = batches(member + 4, seed=10 + member)
+    for batch in data[:member]:  # to its own count
+      params, opt_state, _ = step(params, opt_state, batch)
+    members.append((jax.tree.map(jnp.copy, (params, opt_state)),
+                    data[member:]))
+    alone.append(train(step, params, opt_state, data[member:])[0])
+  stack = lambda *trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+  params, opt_state = stack(*(state for state, _ in members))
+  data = [stack(*batch) for batch in zip(*(data for _, data in members))]
+  assert [int(c) for c in mo.find_timetable_state(opt_state).count] == [0, 1, 2]
+  ensemble, opt_state = train(jax.vmap(step), params, opt_state, data)
+  for member, want in enumerate(alone):
+    got = [jax.tree.map(lambda x: x[member], params) for params in ensemble]
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
+  assert [int(c) for c in mo.find_timetable_state(opt_state).count] == [4, 5, 6]
+
+
+def test_host_dispatch_under_vmap_is_refused():
+  tx = multirate_sgd_tx(3)
+  step = mo.train_step(mlp_loss, tx, dispatch="host")
+  params = jax.tree.map(lambda x: jnp.stack([x, x]), mlp_params())
+  opt_state = jax.vmap(tx.init)(params)
+  batch = jax.tree.map(lambda x: jnp.stack([x, x]), batches(1)[0])
+  with pytest.raises(TypeError, match=r"jax.vmap.*dispatch='cond'"):
+    jax.vmap(step)(params, opt_state, batch)
+
+
 @pytest.mark.parametrize("dispatch", ["cond", "host"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision_parameters(dispatch, dtype):
