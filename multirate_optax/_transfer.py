@@ -128,8 +128,8 @@ def transfer(
           f"also_train={also_train!r} matches no leaf of {leaf_paths(tree)}.")
     return per_leaf
 
-  def groups(count):
-    del count
+  def groups(count, active):
+    del count, active  # One phase, the same groups at every step.
     return {TRAINED: optimizer, FROZEN: optax.set_to_zero()}
 
   return timetabled(timetable, labels=labels, groups=groups)

@@ -216,7 +216,10 @@ def test_own_jit_follows_a_rewound_optimizer():
   nnx.update(optimizer, saved[1])  # count 1 again: the host count follows it
   for batch in data[1:]:
     train_step(model, optimizer, metrics, batch)
-  chex.assert_trees_all_equal(mlp_params_of(model), mlp_params_of(want_model))
+  # Your own step is another program than mo.nnx.train_step's (metrics
+  # inside), so XLA may order the float arithmetic differently.
+  chex.assert_trees_all_close(mlp_params_of(model), mlp_params_of(want_model),
+                              rtol=1e-6, atol=1e-7)
 
 
 def test_apply_inside_nnx_jit_warns_that_it_is_cond_dispatch():
