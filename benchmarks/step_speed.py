@@ -24,7 +24,7 @@ Run from the repository root::
 
 Timings are medians over repeats after warm-up, with the variants' blocks of
 steps interleaved so that changes of machine load fall on all of them alike;
-on a shared 2-core CPU only the ratios mean much, and ``--clock cpu`` (CPU time
+on a shared 2-core CPU only the ratios mean much, and ``--clock process`` (CPU time
 of this process) moves less with other jobs' load than wall-clock time.
 """
 
@@ -51,7 +51,7 @@ PERIODS = (2, 5, 10)
 LEARNING_RATE, MOMENTUM = 0.01, 0.9
 # Wall-clock time, or the CPU time of this process (all its threads): on a
 # CPU shared with other jobs the latter moves much less with their load.
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 CLOCK = "wall"
 MIB = 2.0 ** 20
 
