@@ -10,6 +10,8 @@ cycles of k steps, so its time per step is the average over a cycle.
   speedup    = t_full / t_step
   ideal      = t_full / ((t_full + (k - 1) t_fast) / k)
   efficiency = speedup / ideal
+  all-active / plain = t(multirate's slow-step program) / t_full, the
+               timetable's overhead over plain optax when every leaf trains
 
 Each row also gives the peak memory of its programs from XLA's analysis of the
 compiled program (arguments + outputs - donated reuse + temporaries): the one
@@ -296,6 +298,16 @@ def bench_model(name: str, batch_size: int, repeats: int, cycles: int,
       runners[dispatch, k] = core_runner(
           step, copy(params), multi.init(params), batch, k * cycles,
           cond_repeats if dispatch == "cond" else repeats)
+  # Multirate's all-active phase (its slow step) on every step, against the
+  # plain full step: the overhead of the timetable over plain optax.
+  k = max(periods)
+  multi = multirate_tx(k)
+  slow_program = mo.train_step(loss_fn, multi, dispatch="host", donate=True
+                               ).program(params, multi.init(params), batch,
+                                         phase=0).compile()
+  runners["all active"] = core_runner(slow_program, copy(params),
+                                      multi.init(params), batch, block,
+                                      repeats)
   # The Linen and NNX steps on the same model, with 'auto' dispatch, beside
   # the core step with the same dispatch.
   auto = mo.resolve_dispatch("auto")
@@ -320,6 +332,9 @@ def bench_model(name: str, batch_size: int, repeats: int, cycles: int,
           repeats)
   times = measure(runners)
   t_full, t_fast = times.pop("full"), times.pop("fast")
+  all_active_over_plain = times.pop("all active") / t_full
+  print(f"{name}: multirate's all-active phase / plain optax step "
+        f"{all_active_over_plain:.3f}", flush=True)
   flavour_times = {key: times.pop(key) for key in list(times)
                    if len(key) == 3}
   rows = []
@@ -338,7 +353,8 @@ def bench_model(name: str, batch_size: int, repeats: int, cycles: int,
                          b / MIB for b in phase_peaks],
                      full_peak_mib=memory["full"] / MIB,
                      peak_vs_full_phase=peak and phase_peaks and (
-                         peak / phase_peaks[0])))
+                         peak / phase_peaks[0]),
+                     all_active_over_plain=all_active_over_plain))
     print_row(rows[-1])
   steps = []
   for (flavour, dispatch, k), t_step in flavour_times.items():

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from multirate_optax._reparametrized import check_same_layers
+
 Budget = Union[int, np.integer]
 
 
@@ -46,15 +48,9 @@ def check_budget(budget: Any) -> int:
 
 def _host_scores(scores: Mapping[str, Any], sizes: Mapping[str, int]
                  ) -> dict[str, float]:
-  missing = [layer for layer in sizes if layer not in scores]
-  extra = [layer for layer in scores if layer not in sizes]
-  if missing or extra:
-    raise ValueError(
-        "scores and sizes must name the same layers: "
-        + "; ".join(part for part in (
-            f"layers with a size but no score: {missing}" if missing else "",
-            f"layers with a score but no size: {extra}" if extra else "")
-                    if part) + ".")
+  check_same_layers(sizes, scores, "scores and sizes must name the same layers",
+                    "layers with a size but no score",
+                    "layers with a score but no size")
   values = {}
   for layer in sizes:
     size = sizes[layer]

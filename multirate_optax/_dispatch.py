@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import collections
 import functools
+import os
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Optional
@@ -128,7 +130,7 @@ class PhaseDispatch:
           "multirate_optax.nnx.jit and take gradients with multirate_optax."
           "nnx.value_and_grad; otherwise call the step itself, or build it "
           "with dispatch='cond' to use apply without this warning.",
-          stacklevel=3)
+          stacklevel=_first_caller_outside_package())
     return self.switch(*args)
 
   def program(self, *args, phase: Optional[int] = None) -> jax.stages.Lowered:
@@ -154,6 +156,19 @@ class PhaseDispatch:
       for leaf in jax.tree.leaves(args):
         self._host_count.check_not_donated(leaf, e)
       raise
+
+
+def _first_caller_outside_package() -> int:
+  """The ``stacklevel`` of the innermost caller outside this package.
+
+  The core, Linen and NNX steps reach :meth:`PhaseDispatch.apply` through
+  different numbers of frames; a warning should point at the user's line.
+  """
+  package = os.path.dirname(os.path.abspath(__file__))
+  frame, level = sys._getframe(1), 1
+  while frame is not None and frame.f_code.co_filename.startswith(package):
+    frame, level = frame.f_back, level + 1
+  return level
 
 
 class HostCount:
@@ -211,6 +226,12 @@ class HostCount:
 
   def check_not_donated(self, leaf: Any,
                         error: Optional[Exception] = None) -> None:
+    """Refuses ``leaf`` if it is an array whose buffer a step consumed.
+
+    Args:
+      leaf: any leaf of a step's arguments.
+      error: the error a program raised on it, chained to this one.
+    """
     if isinstance(leaf, jax.Array) and leaf.is_deleted():
       raise ValueError(
           "the train step was given a state whose buffers were already "

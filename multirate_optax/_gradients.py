@@ -9,7 +9,7 @@ gradients are returned as zeros, so optimizers see the usual full tree.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -37,6 +37,8 @@ def describe(value: Any) -> str:
   """What ``value`` is, in words for an error message (tracers included)."""
   if isinstance(value, tuple):
     return f"a tuple of {len(value)}"
+  if isinstance(value, Mapping):
+    return f"a mapping with keys {list(value)}"
   shape = getattr(value, "shape", None)
   if shape is None:
     return f"a {type(value).__name__}"

@@ -26,6 +26,7 @@ from flax import nnx
 
 from multirate_optax._dispatch import HostCount
 from multirate_optax._timetable import Located, locate_timetable_state
+from multirate_optax._timetabled import tracing_phase
 
 
 class _Tracing(NamedTuple):
@@ -41,9 +42,11 @@ _TRACING: contextvars.ContextVar[Optional[_Tracing]] = contextvars.ContextVar(
 
 @contextlib.contextmanager
 def _tracing(optimizer: nnx.Optimizer, phase: int) -> Iterator[None]:
+  """Tells :func:`value_and_grad` and the optimizer's update the phase traced."""
   token = _TRACING.set(_Tracing(optimizer, phase))
   try:
-    yield
+    with tracing_phase(_located(optimizer).state.timetable, phase):
+      yield
   finally:
     _TRACING.reset(token)
 
@@ -85,8 +88,9 @@ def jit(fun: Optional[Callable[..., Any]] = None, **jit_kwargs: Any):
 
   Args:
     fun: the train step; ``jit(**jit_kwargs)`` without it gives a decorator.
-    **jit_kwargs: passed to ``nnx.jit`` (``donate_argnums``, ...); not
-      ``static_argnums``.
+    **jit_kwargs: passed to ``nnx.jit`` (``donate_argnums`` counts
+      ``fun``'s arguments, ...); not ``static_argnums`` or positional
+      ``in_shardings``.
 
   Returns:
     The compiled step, called like ``fun``; its ``program(*args,
@@ -132,6 +136,17 @@ def jit(fun: Optional[Callable[..., Any]] = None, **jit_kwargs: Any):
         "multirate_optax.nnx.jit adds its own static argument (the phase); "
         "close over static values instead of passing static_argnums or "
         "static_argnames.")
+  if isinstance(jit_kwargs.get("in_shardings"), (tuple, list)):
+    raise TypeError(
+        "multirate_optax.nnx.jit puts two static arguments (the phase and "
+        "where the optimizer is) before fun's, so positional in_shardings "
+        "would not line up: place the arrays with jax.device_put (or "
+        "nnx.with_sharding_constraint inside) instead.")
+  donated = jit_kwargs.pop("donate_argnums", ())
+  donated = (donated,) if isinstance(donated, int) else tuple(donated)
+  if donated:  # Positions in fun's arguments, after the two static ones.
+    jit_kwargs["donate_argnums"] = tuple(i + 2 for i in donated)
+  donates = bool(donated or jit_kwargs.get("donate_argnames"))
 
   @functools.partial(nnx.jit, static_argnums=(0, 1), **jit_kwargs)
   def of_phase(phase, where, *args, **kwargs):
@@ -154,9 +169,14 @@ def jit(fun: Optional[Callable[..., Any]] = None, **jit_kwargs: Any):
   @functools.wraps(fun)
   def step(*args, **kwargs):
     where, optimizer = _find_optimizer(args, kwargs)
-    count = counts.setdefault(optimizer, HostCount())
-    phase = count.phase(_located(optimizer))
-    out = of_phase(phase, where, *args, **kwargs)
+    count = counts.setdefault(optimizer, HostCount(donated=donates))
+    located = _located(optimizer)
+    phase = count.phase(located)
+    try:
+      out = of_phase(phase, where, *args, **kwargs)
+    except (RuntimeError, ValueError) as e:
+      count.check_not_donated(located.state.count, e)
+      raise
     count.advance(_located(optimizer).state.count)
     return out
 

@@ -48,8 +48,23 @@ def unknown_layer_error(layer: str, available: Collection[str],
       f"{shown}{more}.")
 
 
-def _check_in(layers: Iterable[str], available: Mapping[str, Any],
-              where: str) -> None:
+def check_same_layers(wanted: Iterable[str], given: Iterable[str],
+                      summary: str, missing_label: str,
+                      extra_label: str) -> None:
+  """Refuses ``given`` unless it names exactly the layers of ``wanted``."""
+  wanted, given = list(wanted), list(given)
+  missing = [layer for layer in wanted if layer not in given]
+  extra = [layer for layer in given if layer not in wanted]
+  if missing or extra:
+    raise ValueError(
+        f"{summary}: " + "; ".join(part for part in (
+            f"{missing_label}: {missing}" if missing else "",
+            f"{extra_label}: {extra}" if extra else "") if part) + ".")
+
+
+def check_layers_in(layers: Iterable[str], available: Mapping[str, Any],
+                    where: str) -> None:
+  """Refuses a layer that is not a path string of ``available``, naming it."""
   for layer in layers:
     if not isinstance(layer, str):
       raise TypeError(
@@ -125,7 +140,7 @@ def layer_sizes(params: PyTree, layers: Iterable[str]) -> dict[str, int]:
   """
   leaves = leaves_by_path(params)
   layers = list(layers)
-  _check_in(layers, leaves, "the parameters")
+  check_layers_in(layers, leaves, "the parameters")
   return {layer: int(np.size(leaves[layer])) for layer in layers}
 
 
@@ -141,7 +156,7 @@ def init_deltas(params: PyTree, layers: Iterable[str]) -> Deltas:
   """
   leaves = leaves_by_path(params)
   layers = list(layers)
-  _check_in(layers, leaves, "the parameters")
+  check_layers_in(layers, leaves, "the parameters")
   return {layer: jnp.zeros(np.shape(leaves[layer]), leaves[layer].dtype)
           for layer in layers}
 
@@ -150,7 +165,7 @@ def _changed(params: PyTree, deltas: Mapping[str, jax.Array],
              gate_of: Mapping[str, Any]) -> PyTree:
   """``params`` with ``W0 + g * dW`` for every layer in ``gate_of``."""
   leaves = leaves_by_path(params)
-  _check_in(deltas, leaves, "the parameters")
+  check_layers_in(deltas, leaves, "the parameters")
   for layer, delta in deltas.items():
     if np.shape(delta) != np.shape(leaves[layer]):
       raise ValueError(
@@ -194,15 +209,9 @@ def apply_deltas(params: PyTree, deltas: Mapping[str, jax.Array],
     >>> budgeted.apply_deltas(params, deltas, {'dense/kernel': 0.5})
     {'dense': {'kernel': Array([[2., 2.]], dtype=float32)}}
   """
-  if set(gates) != set(deltas):
-    missing = [layer for layer in deltas if layer not in gates]
-    extra = [layer for layer in gates if layer not in deltas]
-    raise ValueError(
-        "gates need exactly the layers of deltas: "
-        + "; ".join(part for part in (
-            f"layers without a gate: {missing}" if missing else "",
-            f"gates of layers that have no change: {extra}" if extra else "")
-                    if part) + ".")
+  check_same_layers(deltas, gates, "gates need exactly the layers of deltas",
+                    "layers without a gate",
+                    "gates of layers that have no change")
   for layer, gate in gates.items():
     if np.ndim(gate) != 0:
       raise ValueError(
@@ -237,7 +246,7 @@ def merge(params: PyTree, deltas: Mapping[str, jax.Array],
     ([[0.0, 0.0]], [[1.0, 1.0]])
   """
   selection = list(selection)
-  _check_in(selection, deltas, "the changes (deltas)")
+  check_layers_in(selection, deltas, "the changes (deltas)")
   return _changed(params, {layer: deltas[layer] for layer in selection},
                   dict.fromkeys(selection))
 

@@ -67,8 +67,12 @@ class TimetableState:
 
   def active(self, phase: int) -> tuple[bool, ...]:
     """For each parameter leaf, whether it receives gradients in ``phase``."""
-    groups = self.timetable.phases[phase]
-    return tuple(label in groups for label in self.labels)
+    phases = self.timetable.phases
+    if not 0 <= phase < len(phases):
+      raise ValueError(
+          f"phase {phase!r} is not a phase of {self.timetable!r}, which has "
+          f"{len(phases)} (0 to {len(phases) - 1}).")
+    return tuple(label in phases[phase] for label in self.labels)
 
   def advanced(self, inner: Any) -> "TimetableState":
     """The state after one more update, with new inner state ``inner``."""

@@ -12,7 +12,7 @@ each one call of :func:`timetabled` with their own groups.
 from __future__ import annotations
 
 import contextlib
-import threading
+import contextvars
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple, Optional, Union
 
@@ -28,7 +28,9 @@ Count = Optional[jax.Array]  # None while the state is initialised.
 # The groups active in the phase a train step is tracing, when it says so.
 Active = Optional[frozenset[str]]
 
-_tracing = threading.local()
+# The (timetable, phase) a train step is tracing, while it says so.
+_TRACED_PHASE: contextvars.ContextVar[Optional[tuple[Timetable, int]]] = (
+    contextvars.ContextVar("multirate_optax_traced_phase", default=None))
 
 
 @contextlib.contextmanager
@@ -44,16 +46,15 @@ def tracing_phase(timetable: Timetable, phase: int) -> Iterator[None]:
   updates through its branches (copied on each step), and its pass-through
   branch would keep XLA from updating the parameters in place.
   """
-  outer = getattr(_tracing, "phase", None)
-  _tracing.phase = (timetable, phase)
+  token = _TRACED_PHASE.set((timetable, phase))
   try:
     yield
   finally:
-    _tracing.phase = outer
+    _TRACED_PHASE.reset(token)
 
 
 def _active_in_traced_phase(timetable: Timetable) -> Active:
-  traced = getattr(_tracing, "phase", None)
+  traced = _TRACED_PHASE.get()
   if traced is None or traced[0] != timetable:
     return None
   return timetable.phases[traced[1]]

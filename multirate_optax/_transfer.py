@@ -22,8 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from multirate_optax._gradients import describe
 from multirate_optax._groups import leaf_paths
-from multirate_optax._reparametrized import unknown_layer_error
+from multirate_optax._reparametrized import check_layers_in
 from multirate_optax._timetable import Step, Timetable
 from multirate_optax._timetabled import timetabled
 
@@ -100,9 +101,7 @@ def transfer(
     ([[-1.0], [-1.0]], [[0.0, 0.0], [0.0, 0.0]])
   """
   selection = tuple(selection)
-  for layer in selection:
-    if layer not in deltas:
-      raise unknown_layer_error(layer, deltas, "the changes (deltas)")
+  check_layers_in(selection, deltas, "the changes (deltas)")
   trained_paths = {f"{DELTAS}/{layer}" for layer in selection}
   other = _predicate(also_train)
   timetable = TransferTimetable()
@@ -111,12 +110,9 @@ def transfer(
     if not isinstance(tree, Mapping) or DELTAS not in tree:
       raise ValueError(
           "transfer trains a tree {'deltas': {layer: dW_l}, ...}; got "
-          f"{_describe(tree)}. Put the changes from init_deltas under "
+          f"{describe(tree)}. Put the changes from init_deltas under "
           "'deltas'.")
-    for layer in selection:
-      if layer not in tree[DELTAS]:
-        raise unknown_layer_error(layer, tree[DELTAS],
-                                  "the trainable tree's 'deltas'")
+    check_layers_in(selection, tree[DELTAS], "the trainable tree's 'deltas'")
     per_leaf = tuple(
         TRAINED if path in trained_paths or (
             other is not None and not path.startswith(DELTAS + "/")
@@ -137,14 +133,7 @@ def transfer(
 
 def _predicate(also_train: Union[None, str, Callable[[str], bool]]
                ) -> Optional[Callable[[str], bool]]:
-  if also_train is None or (callable(also_train)
-                            and not isinstance(also_train, re.Pattern)):
+  if also_train is None or callable(also_train):
     return also_train
   pattern = re.compile(also_train)
   return lambda path: pattern.search(path) is not None
-
-
-def _describe(tree: PyTree) -> str:
-  if isinstance(tree, Mapping):
-    return f"a mapping with keys {list(tree)}"
-  return f"a {type(tree).__name__}"

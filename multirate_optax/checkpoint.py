@@ -49,7 +49,7 @@ import orbax.checkpoint as ocp
 
 from multirate_optax._groups import path_str
 from multirate_optax._reparametrized import (
-    leaves_by_path, merge, unknown_layer_error)
+    check_layers_in, leaves_by_path, merge, unknown_layer_error)
 from multirate_optax._timetable import TimetableState, find_timetable_state
 
 PyTree = Any
@@ -313,9 +313,7 @@ def save_transfer(
     ([[0.0, 0.0], [0.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]])
   """
   selection = tuple(selection)
-  for layer in selection:
-    if layer not in deltas:
-      raise unknown_layer_error(layer, deltas, "the changes (deltas)")
+  check_layers_in(selection, deltas, "the changes (deltas)")
   replaced = dict(replaced or {})
   both = [layer for layer in selection if layer in replaced]
   if both:

@@ -148,7 +148,7 @@ class _Split(NamedTuple):
     first, *others = self.variables
     first.set_raw_value(values[0])
     for variable, new in zip(others, values[1:], strict=True):
-      object.__setattr__(variable, "_raw_value", new)
+      variable.set_raw_value(new, _unsafe_bypass_check=True)
     return value
 
 

@@ -38,7 +38,10 @@ def test_step_speed_writes_its_table_as_json(tmp_path, capsys):
     assert r["peak_mib"] == want > 0
     assert r["peak_vs_full_phase"] == pytest.approx(
         r["peak_mib"] / r["phase_peaks_mib"][0])
-  assert "eff." in capsys.readouterr().out
+    # The timetable's overhead when every leaf trains: one figure per model.
+    assert r["all_active_over_plain"] == rows[0]["all_active_over_plain"] > 0
+  out = capsys.readouterr().out
+  assert "eff." in out and "all-active phase / plain optax step" in out
   assert sum(r["auto"] for r in rows) == 1
   # The Linen and NNX steps beside the core one, same model, 'auto' dispatch.
   auto = report["auto_dispatch"]

@@ -45,7 +45,8 @@ def test_apply_under_scan():
   data = batches(9)
   want, _ = train_linen(mo.linen.train_step(mlp_loss_fn, dispatch="cond"),
                         create_state(3), data)
-  step = mo.linen.train_step(mlp_loss_fn)
+  # What lax.scan needs: one program, the phase picked on the device.
+  step = mo.linen.train_step(mlp_loss_fn, dispatch="cond")
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *data)
 
   @jax.jit

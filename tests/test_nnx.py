@@ -185,6 +185,10 @@ def test_own_jit_runs_one_program_per_phase_and_reads_nothing_back():
   full = train_step.program(model, optimizer, metrics, data[0], phase=0)
   fast = train_step.program(model, optimizer, metrics, data[0], phase=1)
   assert hlo_op_count(fast, "dot") == hlo_op_count(full, "dot") - 4
+  # Each phase's optimizer update knows its phase: no conditional on the
+  # count carries the slow state through branches.
+  for program in (full, fast):
+    assert "conditional(" not in program.compile().as_text()
   with count_compilations() as compiled:
     for batch in data[:2]:
       train_step(model, optimizer, metrics, batch)
@@ -194,6 +198,29 @@ def test_own_jit_runs_one_program_per_phase_and_reads_nothing_back():
         train_step(model, optimizer, metrics, batch)
   assert compiled[0] == after_two
   assert reads[0] == 0
+
+
+def test_own_jit_donating_its_arguments_follows_the_published_algorithm():
+  period, data = 3, batches(7)
+  expected = multirate_sgd(mlp_params(), mlp_loss, data, h=H, momentum=MU,
+                           period=period, drift=True, is_fast=is_fast)
+  model = MLP(mlp_params())
+  optimizer = nnx.Optimizer(model, multirate_tx(period, True), wrt=nnx.Param)
+
+  # donate_argnums counts the step's own arguments: model and optimizer.
+  @mo.nnx.jit(donate_argnums=(0, 1))
+  def train_step(model, optimizer, batch):
+    loss, grads = mo.nnx.value_and_grad(nnx_loss)(model, batch)
+    optimizer.update(model, grads)
+    return loss
+
+  first_kernel = model.layer1.kernel.get_value()
+  history = []
+  for batch in data:
+    train_step(model, optimizer, batch)
+    history.append(mlp_params_of(model))
+  assert first_kernel.is_deleted()  # The model's buffers were donated.
+  chex.assert_trees_all_close(history, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_own_jit_follows_a_rewound_optimizer():
@@ -311,6 +338,11 @@ class TestBadInput:
     with pytest.raises(TypeError, match=r"did not update its optimizer.*"
                        r"evaluation\) with nnx.jit"):
       evaluate(model, optimizer, batches(1)[0])
+
+  def test_multirate_jit_with_positional_shardings(self):
+    with pytest.raises(TypeError, match=r"positional in_shardings would not "
+                       r"line up.*jax.device_put"):
+      mo.nnx.jit(in_shardings=(None, None, None))(nnx_loss)
 
   def test_multirate_jit_without_an_optimizer(self):
     model = MLP(mlp_params())

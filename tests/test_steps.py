@@ -65,6 +65,9 @@ def test_fast_program_has_no_backward_work_for_slow_layers(harness):
   for program in (full, fast):
     assert "conditional(" not in program.compile().as_text()
   assert run.program(batch).compile().as_text().count("conditional(") == 1
+  with pytest.raises(ValueError, match=r"phase 2 is not a phase of "
+                     r"MultirateTimetable\(period=4.*which has 2 \(0 to 1\)"):
+    run.program(batch, phase=2)
 
 
 @pytest.mark.parametrize("dispatch, programs", [("cond", 1), ("host", 2)])
