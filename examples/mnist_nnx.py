@@ -22,8 +22,8 @@ train.py as of commit 0ef9abb2), changed only to run offline here:
 scikit-learn's bundled digits, up-sampled to 28x28, instead of the MNIST
 download (get_datasets serves them like the tf.data pipeline it replaces), no
 TensorBoard writer or SavedModel export, the configuration (configs/
-default.py) inlined as get_config, and the training time and test accuracy
-returned. examples/mnist_nnx_multirate.py is this file converted to multirate
+default.py) inlined as get_config, and the training time (waiting for the
+epoch's last step: JAX dispatches asynchronously) and test accuracy returned. examples/mnist_nnx_multirate.py is this file converted to multirate
 training; `diff` the two to see the conversion.
 """
 
@@ -157,6 +157,7 @@ def train_and_evaluate(config, workdir: str) -> None:
       train_step(model, optimizer, metrics, batch, rngs)
     #  Compute the training metrics.
     train_metrics = metrics.compute()
+    jax.block_until_ready((train_metrics, nnx.state(model)))
     train_seconds += time.perf_counter() - start
     metrics.reset()  # Reset the metrics for the test set.
 

@@ -163,6 +163,7 @@ def train_and_evaluate(config, workdir: str) -> None:
       train_step(model, optimizer, metrics, batch, rngs)
     #  Compute the training metrics.
     train_metrics = metrics.compute()
+    jax.block_until_ready((train_metrics, nnx.state(model)))
     train_seconds += time.perf_counter() - start
     metrics.reset()  # Reset the metrics for the test set.
 
