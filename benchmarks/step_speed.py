@@ -12,6 +12,11 @@ cycles of k steps, so its time per step is the average over a cycle.
   efficiency = speedup / ideal
   all-active / plain = t(multirate's slow-step program) / t_full, the
                timetable's overhead over plain optax when every leaf trains
+  faults     = minor page faults per step: on CPU, memory that the allocator
+               handed back to the system and the step touches afresh (the
+               'cond' program's temporaries are sized by its full branch);
+               compare with an allocator that keeps its memory, e.g.
+               LD_PRELOAD=libjemalloc.so.2 MALLOC_CONF=retain:true,...
 
 Each row also gives the peak memory of its programs from XLA's analysis of the
 compiled program (arguments + outputs - donated reuse + temporaries): the one
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -191,15 +197,25 @@ class Runner:
     self.step, self.state, self.batch, self.arrays = step, state, batch, arrays
     self.steps_per_block, self.repeats = steps_per_block, repeats
     self.times: list[float] = []
+    self.faults: list[float] = []
 
   def block(self) -> float:
-    """Runs a block of steps; returns the mean time per step."""
+    """Runs a block of steps; returns the mean time per step.
+
+    Also records the minor page faults per step of the block (memory the
+    process touched for the first time since it was mapped).
+    """
     jax.block_until_ready(self.arrays(self.state))
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = CLOCKS[CLOCK]()
     for _ in range(self.steps_per_block):
       self.state, loss = self.step(self.state, self.batch)
     jax.block_until_ready(loss)
-    return (CLOCKS[CLOCK]() - start) / self.steps_per_block
+    seconds = CLOCKS[CLOCK]() - start
+    self.faults.append(
+        (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+        / self.steps_per_block)
+    return seconds / self.steps_per_block
 
 
 def core_runner(step, params, opt_state, batch, steps_per_block, repeats):
@@ -255,6 +271,7 @@ def measure(runners: dict[Any, Runner]) -> dict[Any, float]:
   """
   for runner in runners.values():
     runner.block()
+    runner.faults.clear()
   for repeat in range(max(r.repeats for r in runners.values())):
     for runner in runners.values():
       if repeat < runner.repeats:
@@ -331,6 +348,7 @@ def bench_model(name: str, batch_size: int, repeats: int, cycles: int,
           module, loss_fn, copy(params), tx_k, auto, batch, k * cycles,
           repeats)
   times = measure(runners)
+  faults = {name: statistics.median(r.faults) for name, r in runners.items()}
   t_full, t_fast = times.pop("full"), times.pop("fast")
   all_active_over_plain = times.pop("all active") / t_full
   print(f"{name}: multirate's all-active phase / plain optax step "
@@ -354,7 +372,9 @@ def bench_model(name: str, batch_size: int, repeats: int, cycles: int,
                      full_peak_mib=memory["full"] / MIB,
                      peak_vs_full_phase=peak and phase_peaks and (
                          peak / phase_peaks[0]),
-                     all_active_over_plain=all_active_over_plain))
+                     all_active_over_plain=all_active_over_plain,
+                     page_faults_per_step=faults[dispatch, k],
+                     full_page_faults_per_step=faults["full"]))
     print_row(rows[-1])
   steps = []
   for (flavour, dispatch, k), t_step in flavour_times.items():
@@ -367,7 +387,7 @@ def bench_model(name: str, batch_size: int, repeats: int, cycles: int,
 
 HEADER = (f"{'model':<12} {'dispatch':<8} {'k':>3} {'t_full ms':>10} "
           f"{'t_fast ms':>10} {'t_step ms':>10} {'speedup':>8} {'ideal':>6} "
-          f"{'eff.':>6} {'peak MiB':>9} {'/phase 0':>8}")
+          f"{'eff.':>6} {'faults':>7} {'peak MiB':>9} {'/phase 0':>8}")
 
 
 def print_row(r: dict) -> None:
@@ -375,7 +395,8 @@ def print_row(r: dict) -> None:
             if r["peak_mib"] else "")
   print(f"{r['model']:<12} {r['dispatch']:<8} {r['k']:>3} {r['t_full_ms']:>10.1f} "
         f"{r['t_fast_ms']:>10.1f} {r['t_step_ms']:>10.1f} {r['speedup']:>8.2f} "
-        f"{r['ideal']:>6.2f} {r['efficiency']:>6.3f} {memory}", flush=True)
+        f"{r['ideal']:>6.2f} {r['efficiency']:>6.3f} "
+        f"{r['page_faults_per_step']:>7.0f} {memory}", flush=True)
 
 
 STEPS_HEADER = (f"{'model':<12} {'step':<6} {'dispatch':<8} {'k':>3} "
@@ -422,7 +443,9 @@ def main(argv=None) -> list[dict]:
   auto = mo.resolve_dispatch("auto")
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
         f"devices {jax.devices()}, 'auto' dispatch = {auto!r}, "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+        f"allocator: LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r} "
+        f"MALLOC_CONF={os.environ.get('MALLOC_CONF', '')!r}")
   print(HEADER)
   rows, steps = [], []
   for name in args.models:
@@ -441,6 +464,9 @@ def main(argv=None) -> list[dict]:
   write_json(dict(backend=jax.default_backend(), auto_dispatch=auto,
                   jax_version=jax.__version__, quick=args.quick,
                   clock=args.clock, rows=rows,
+                  xla_flags=os.environ.get("XLA_FLAGS", ""),
+                  ld_preload=os.environ.get("LD_PRELOAD", ""),
+                  malloc_conf=os.environ.get("MALLOC_CONF", ""),
                   steps=steps),
              args.json)
   return rows

@@ -40,6 +40,8 @@ def test_step_speed_writes_its_table_as_json(tmp_path, capsys):
         r["peak_mib"] / r["phase_peaks_mib"][0])
     # The timetable's overhead when every leaf trains: one figure per model.
     assert r["all_active_over_plain"] == rows[0]["all_active_over_plain"] > 0
+    assert r["page_faults_per_step"] >= 0
+    assert r["full_page_faults_per_step"] >= 0
   out = capsys.readouterr().out
   assert "eff." in out and "all-active phase / plain optax step" in out
   assert sum(r["auto"] for r in rows) == 1
