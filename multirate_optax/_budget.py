@@ -25,6 +25,11 @@ Budget = Union[int, np.integer]
 
 def check_budget(budget: Any) -> int:
   """``budget`` as an int if it is a whole number of parameters > 0, else raises."""
+  if isinstance(budget, jax.core.Tracer):
+    raise TypeError(
+        "the budget must be known when the function is traced (a Python "
+        f"int), got a traced value {budget}: mark it static in jax.jit "
+        "(static_argnums) or close over it.")
   if isinstance(budget, (jax.Array, np.ndarray)) and budget.shape == ():
     budget = budget.item()
   if isinstance(budget, bool) or not isinstance(budget, numbers.Real):

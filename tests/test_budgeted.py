@@ -296,6 +296,12 @@ class TestSelectWithinBudget:
       assert budgeted.select_within_budget({"a": 1.0}, {"a": 3}, budget) == (
           "a",)
 
+  def test_a_traced_budget_is_refused_with_a_hint(self):
+    probs = {"a": jnp.asarray(0.5)}
+    with pytest.raises(TypeError, match=r"budget must be known when the "
+                       r"function is traced.*static_argnums"):
+      jax.jit(lambda budget: budgeted.budget_penalty(probs, {"a": 3}, budget))(3)
+
   def test_scores_and_sizes_naming_other_layers(self):
     with pytest.raises(ValueError, match=r"size but no score: \['b'\].*"
                        r"score but no size: \['c'\]"):
