@@ -169,7 +169,9 @@ def jit(fun: Optional[Callable[..., Any]] = None, **jit_kwargs: Any):
   @functools.wraps(fun)
   def step(*args, **kwargs):
     where, optimizer = _find_optimizer(args, kwargs)
-    count = counts.setdefault(optimizer, HostCount(donated=donates))
+    count = counts.get(optimizer)
+    if count is None:
+      count = counts[optimizer] = HostCount(donated=donates)
     located = _located(optimizer)
     phase = count.phase(located)
     try:
