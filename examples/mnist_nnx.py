@@ -23,8 +23,9 @@ scikit-learn's bundled digits, up-sampled to 28x28, instead of the MNIST
 download (get_datasets serves them like the tf.data pipeline it replaces), no
 TensorBoard writer or SavedModel export, the configuration (configs/
 default.py) inlined as get_config, and the training time (waiting for the
-epoch's last step: JAX dispatches asynchronously) and test accuracy returned. examples/mnist_nnx_multirate.py is this file converted to multirate
-training; `diff` the two to see the conversion.
+epoch's last step: JAX dispatches asynchronously) and test accuracy returned.
+examples/mnist_nnx_multirate.py is this file converted to multirate training;
+`diff` the two to see the conversion.
 """
 
 # See issue #620.
