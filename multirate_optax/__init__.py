@@ -9,27 +9,19 @@ first use, so importing this package does not import Flax.
 import importlib
 from typing import Any
 
-from multirate_optax import budgeted
-from multirate_optax._cost import CostEstimate, estimate_saving
-from multirate_optax._dispatch import resolve_dispatch
-from multirate_optax._freezeout import (
-    FreezeOutTimetable, freezeout, keep_frozen, layers_by_module)
-from multirate_optax._groups import fast_by_depth, fast_by_path, path_str
-from multirate_optax._growth import (
-    Growth, Layer, describe_widths, element_stages, grow)
-from multirate_optax._growth_state import grow_optimizer_state
-from multirate_optax._growth_plan import GrowthPlan, growth_plan
-from multirate_optax._multirate import (
-    MultirateTimetable, in_slow_steps, multirate)
-from multirate_optax._random_subgroups import (
-    RandomSubgroupsState, RandomSubgroupsTimetable, full_weights,
-    random_subgroups, random_subgroups_state)
-from multirate_optax._stage_rates import (
-    scale_by_stage_norms, stage_norm_factors)
-from multirate_optax._timetable import (
-    Timetable, TimetableState, find_timetable_state)
-from multirate_optax._timetabled import GateState
-from multirate_optax._train_step import TrainStep, train_step
+from multirate_optax import budgeted, core, growth, profiling, timetables
+from multirate_optax.core import (
+    fast_by_depth, fast_by_path, find_timetable_state, GateState, path_str,
+    resolve_dispatch, Timetable, TimetableState, train_step, TrainStep)
+from multirate_optax.growth import (
+    describe_widths, element_stages, grow, grow_optimizer_state, Growth,
+    growth_plan, GrowthPlan, Layer, scale_by_stage_norms, stage_norm_factors)
+from multirate_optax.profiling import (
+    CostEstimate, estimate_saving)
+from multirate_optax.timetables import (
+    freezeout, FreezeOutTimetable, full_weights, in_slow_steps, keep_frozen,
+    layers_by_module, multirate, MultirateTimetable, random_subgroups,
+    random_subgroups_state, RandomSubgroupsState, RandomSubgroupsTimetable)
 
 __version__ = "0.1.0"
 
@@ -37,6 +29,10 @@ _LAZY_SUBMODULES = ("checkpoint", "linen", "nnx")
 
 __all__ = (
     "budgeted",
+    "core",
+    "growth",
+    "profiling",
+    "timetables",
     "CostEstimate",
     "describe_widths",
     "element_stages",

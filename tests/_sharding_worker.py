@@ -1,4 +1,4 @@
-"""Multi-device runs for tests/test_sharding.py, in a process with 8 CPU devices.
+"""Multi-device runs for tests/core/test_sharding.py, in a process with 8 CPU devices.
 
 Run as ``python tests/_sharding_worker.py OUT``: trains the test MLP on a
 4 x 2 mesh ('data' x 'model') and on one device, and writes what it measured

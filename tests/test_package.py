@@ -1,5 +1,6 @@
 """Package-level promises: no global configuration on import, README example runs."""
 
+import ast
 import importlib
 import re
 import subprocess
@@ -78,4 +79,40 @@ def test_the_installed_package_is_the_library_only():
   """Models, data and experiments live outside the package pip installs."""
   packages = {path.parent.relative_to(ROOT).as_posix()
               for path in (ROOT / "multirate_optax").rglob("__init__.py")}
-  assert packages == {"multirate_optax"}
+  assert packages == {"multirate_optax"} | {
+      f"multirate_optax/{name}" for name in LAYERS}
+
+
+# Each subpackage and the subpackages it may import: the core mechanism at the
+# bottom, the methods on it, the adapters and checkpointing on top.
+LAYERS = {
+    "core": set(),
+    "timetables": {"core"},
+    "growth": {"core"},
+    "budgeted": {"core"},
+    "profiling": {"core"},
+    "linen": {"core"},
+    "nnx": {"core"},
+    "checkpoint": {"core", "budgeted"},
+}
+
+
+def test_subpackages_import_only_the_layers_below_them():
+  found = {}
+  for path in (ROOT / "multirate_optax").glob("*/*.py"):
+    package = path.parent.name
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.ImportFrom) and node.module:
+        names = [node.module]
+      elif isinstance(node, ast.Import):
+        names = [alias.name for alias in node.names]
+      else:
+        continue
+      for name in names:
+        parts = name.split(".")
+        if parts[0] == "multirate_optax" and len(parts) > 1:
+          found.setdefault(package, set()).add(parts[1])
+  upward = {package: sorted(imported - LAYERS[package] - {package})
+            for package, imported in found.items()}
+  assert {package: names for package, names in upward.items() if names} == {}
+  assert set(found) <= set(LAYERS)

@@ -1,0 +1,342 @@
+"""The NNX train step, and labels from an nnx filter."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Optional
+
+import jax
+import optax
+from flax import nnx
+
+from multirate_optax.core._dispatch import Dispatch, PhaseDispatch, resolve_dispatch
+from multirate_optax.core._gradients import (
+    checked_loss, check_loss_signature, value_and_active_grad)
+from multirate_optax.core._groups import FAST, SLOW
+from multirate_optax.nnx._jit import jit, value_and_grad
+from multirate_optax.core._timetable import find_timetable_state
+
+
+def fast_by_filter(
+    fast: nnx.filterlib.Filter) -> Callable[[nnx.State], nnx.State]:
+  """Labels the parameters that ``fast`` selects ``'fast'``, the rest ``'slow'``.
+
+  Args:
+    fast: an nnx filter on (path, variable), e.g. ``nnx.PathContains('head')``
+      or ``nnx.All(nnx.Param, nnx.PathContains('head'))``.
+
+  Returns:
+    A labels function for :func:`multirate_optax.multirate`, applied by
+    ``nnx.Optimizer`` to ``nnx.state(model, wrt)``.
+
+  Raises:
+    ValueError: when applied, if the filter selects no parameter.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from flax import nnx
+    >>> import multirate_optax as mo
+    >>> class Net(nnx.Module):
+    ...   def __init__(self, rngs):
+    ...     self.body = nnx.Linear(3, 8, rngs=rngs)
+    ...     self.head = nnx.Linear(8, 2, rngs=rngs)
+    >>> labels = mo.nnx.fast_by_filter(nnx.PathContains('head'))
+    >>> nnx.to_pure_dict(labels(nnx.state(Net(nnx.Rngs(0)), nnx.Param)))
+    {'body': {'bias': 'slow', 'kernel': 'slow'}, 'head': {'bias': 'fast', 'kernel': 'fast'}}
+  """
+  predicate = nnx.filterlib.to_predicate(fast)
+  # Filters may test a variable's type, which a state of plain arrays (what
+  # nnx.Optimizer passes to update) no longer has: the labels found on a
+  # state of variables are kept, by parameter paths, for its plain twin.
+  found: dict[tuple[Any, ...], nnx.State] = {}
+
+  def labels(params: nnx.State) -> nnx.State:
+    if not isinstance(params, nnx.State):
+      raise TypeError(
+          "fast_by_filter labels an nnx.State (what nnx.Optimizer passes to "
+          f"its optimizer's init), got {type(params).__name__}.")
+    flat = list(nnx.to_flat_state(params))
+    paths = tuple(path for path, _ in flat)
+    if not any(isinstance(v, nnx.Variable) for _, v in flat):
+      if paths not in found:
+        raise ValueError(
+            "fast_by_filter was given a state of plain arrays before the "
+            "state of variables with the same paths (nnx.state(model, wrt), "
+            "as nnx.Optimizer passes to init): its filter may need the "
+            "variables' types.")
+      return found[paths]
+    label_tree = nnx.map_state(
+        lambda path, variable: FAST if predicate(path, variable) else SLOW,
+        params)
+    if FAST not in jax.tree.leaves(label_tree):
+      paths = ["/".join(map(str, path))
+               for path, _ in nnx.to_flat_state(params)]
+      raise ValueError(
+          f"the fast filter {fast!r} selects none of the {len(paths)} "
+          f"parameters; their paths: {paths[:8]}"
+          + (" ..." if len(paths) > 8 else "") + ".")
+    found[paths] = nnx.map_state(lambda _, label: label, label_tree)
+    return label_tree
+
+  return labels
+
+
+class _Split(NamedTuple):
+  """A model and optimizer split into the step's pure arguments, kept.
+
+  The step's arguments are ``(params, opt_state, rest, count)``: ``params`` and
+  ``rest`` as flat lists of the variables' values (rebuilt into states inside
+  the traced step, so a call flattens no ``nnx.State``), ``opt_state`` as the
+  optimizer's pure state (the dispatch reads its count). ``variables`` lists
+  the variables of the four in that order, so that a call reads and writes
+  their values in a flat loop instead of traversing the module graph
+  (``nnx.split`` costs several times the core step's dispatch on a small
+  model). ``attributes`` is what the split saw of every mutable node of the
+  graph, to tell when it no longer holds.
+  """
+
+  model: nnx.Module
+  optimizer: nnx.Optimizer
+  graphdef: nnx.GraphDef
+  params: jax.tree_util.PyTreeDef
+  opt_state: jax.tree_util.PyTreeDef
+  rest: jax.tree_util.PyTreeDef
+  variables: list[nnx.Variable]
+  dicts: list[tuple[dict[Any, Any], tuple[Any, ...], tuple[int, ...]]]
+  lists: list[tuple[list[Any], tuple[int, ...]]]
+
+  def unchanged(self, model: nnx.Module, optimizer: nnx.Optimizer) -> bool:
+    return (model is self.model and optimizer is self.optimizer
+            and all(tuple(members) == keys
+                    and tuple(map(id, members.values())) == ids
+                    for members, keys, ids in self.dicts)
+            and all(tuple(map(id, members)) == ids
+                    for members, ids in self.lists))
+
+  def pure(self) -> tuple[Any, ...]:
+    values = [v.get_raw_value() for v in self.variables]
+    i, j = self.params.num_leaves, -1 - self.rest.num_leaves
+    return (values[:i], self.opt_state.unflatten(values[i:j]), values[j:-1],
+            values[-1])
+
+  def write_back(self, outputs: Sequence[Any]) -> Any:
+    params, opt_state, rest, count, value = outputs
+    values = [*params, *self.opt_state.flatten_up_to(opt_state), *rest, count]
+    # Variable.set_raw_value checks the trace level on every write (a few µs
+    # each, as much as the whole step of a small model): check it once, on
+    # the first, for all of them.
+    first, *others = self.variables
+    first.set_raw_value(values[0])
+    for variable, new in zip(others, values[1:], strict=True):
+      variable.set_raw_value(new, _unsafe_bypass_check=True)
+    return value
+
+
+def _mutable_members(*roots: Any) -> tuple[list[dict[Any, Any]], list[list[Any]]]:
+  """The attribute dicts of modules and optimizers, the dicts and the lists
+  reachable from ``roots``.
+
+  Any change to the graph's structure (a module, variable or static
+  attribute added, removed or replaced; ``model.eval()``) rebinds a member of
+  one of them; a variable's value changing is no change.
+  """
+  dicts, lists, seen, stack = [], [], set(), list(roots)
+  while stack:
+    node = stack.pop()
+    if id(node) in seen or isinstance(node, nnx.Variable):
+      continue
+    seen.add(id(node))
+    if isinstance(node, (nnx.Pytree, dict)):
+      members = vars(node) if isinstance(node, nnx.Pytree) else node
+      dicts.append(members)
+      stack.extend(members.values())
+    elif isinstance(node, (list, tuple)):
+      if isinstance(node, list):
+        lists.append(node)
+      stack.extend(node)
+  return dicts, lists
+
+
+def _split(model: nnx.Module, optimizer: nnx.Optimizer) -> _Split:
+  graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  parts = (params, optimizer.opt_state, rest)
+  variables = jax.tree.leaves((*parts, optimizer.step), is_leaf=is_variable)
+  if any(v.ref or v.hijax for v in variables):
+    raise NotImplementedError(
+        "mo.nnx.train_step does not support variables held as array "
+        "references (ref=True or hijax=True); create the model without them.")
+  dicts, lists = _mutable_members(model, optimizer)
+  return _Split(
+      model, optimizer, graphdef,
+      *(jax.tree.structure(part, is_leaf=is_variable) for part in parts),
+      variables,
+      [(d, tuple(d), tuple(map(id, d.values()))) for d in dicts],
+      [(l, tuple(map(id, l))) for l in lists])
+
+
+class TrainStep:
+  """A multirate train step on an ``nnx.Module`` and its ``nnx.Optimizer``.
+
+  Call it as ``value = step(model, optimizer, *args)``; it updates ``model``
+  and ``optimizer`` in place and returns what ``loss_fn(model, *args)``
+  returns. Build it with :func:`train_step`.
+
+  The phase comes from the count of the timetable state inside
+  ``optimizer``, as in :class:`multirate_optax.TrainStep`, with the same
+  ``'cond'`` and ``'host'`` dispatch. One engine is kept per optimizer
+  transformation (``optimizer.tx``) and graph structure, so compiled programs
+  and the host-side count carry over from call to call. The split of the
+  model and optimizer is kept too, and made again only when their structure
+  changes (a submodule or variable replaced, ``model.eval()``), which each
+  call checks by the identity of every attribute.
+  """
+
+  def __init__(self, loss_fn: Callable[..., Any], *, has_aux: bool,
+               dispatch: Dispatch, donate: bool):
+    if not callable(loss_fn):
+      raise TypeError(f"loss_fn must be callable, got {loss_fn!r}.")
+    self._loss_fn = loss_fn
+    self._has_aux = has_aux
+    self.dispatch = resolve_dispatch(dispatch)
+    self._donate = donate
+    self._dispatches: dict[tuple[Any, ...], PhaseDispatch] = {}
+    # The split of the model and optimizer last stepped, and its engine.
+    self._kept: Optional[tuple[_Split, PhaseDispatch]] = None
+
+  def _engine(self, split: _Split) -> PhaseDispatch:
+    tx, wrt = split.optimizer.tx, split.optimizer.wrt
+    key = (tx, wrt, split.graphdef, split.params, split.opt_state, split.rest)
+    if key not in self._dispatches:
+      # Arguments: params, opt_state, rest, count, *args; the outputs keep
+      # the first four in their places.
+      self._dispatches[key] = PhaseDispatch(
+          functools.partial(self._step_of_phase, tx, wrt, split.graphdef,
+                            split.params, split.rest),
+          state_argnum=1, dispatch=self.dispatch,
+          donate_argnums=(0, 1, 2, 3) if self._donate else ())
+    return self._dispatches[key]
+
+  def _step_of_phase(self, tx: optax.GradientTransformation,
+                     wrt: nnx.filterlib.Filter, graphdef: nnx.GraphDef,
+                     params_structure: jax.tree_util.PyTreeDef,
+                     rest_structure: jax.tree_util.PyTreeDef, phase: int,
+                     params, opt_state, rest, count, *args):
+    """The pure step of one phase on the split model and optimizer."""
+    check_loss_signature(self._loss_fn, len(args))
+    params = params_structure.unflatten(params)
+    rest = rest_structure.unflatten(rest)
+    user_loss = checked_loss(self._loss_fn, self._has_aux)
+
+    def loss(params, rest, *args):
+      model = nnx.merge(graphdef, params, rest)
+      value = user_loss(model, *args)
+      _, _, new_rest = nnx.split(model, wrt, ...)
+      new_rest = nnx.as_pure(new_rest)
+      loss_value = value[0] if self._has_aux else value
+      return loss_value, (value, new_rest)
+
+    (_, (value, rest)), grads = value_and_active_grad(
+        loss, find_timetable_state(opt_state).active(phase), has_aux=True)(
+            params, rest, *args)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return (params_structure.flatten_up_to(params), opt_state,
+            rest_structure.flatten_up_to(rest), optax.safe_increment(count),
+            value)
+
+  def _kept_split(self, model: nnx.Module, optimizer: nnx.Optimizer
+                  ) -> tuple[_Split, PhaseDispatch]:
+    if not isinstance(optimizer, nnx.Optimizer):
+      raise TypeError(
+          f"expected an nnx.Optimizer, got {type(optimizer).__name__}.")
+    if self._kept is None or not self._kept[0].unchanged(model, optimizer):
+      split = _split(model, optimizer)
+      self._kept = (split, self._engine(split))
+    return self._kept
+
+  def __call__(self, model: nnx.Module, optimizer: nnx.Optimizer, *args):
+    split, engine = self._kept_split(model, optimizer)
+    return split.write_back(engine(*split.pure(), *args))
+
+  def apply(self, model: nnx.Module, optimizer: nnx.Optimizer, *args):
+    """The step choosing the phase with ``jax.lax.switch``, traceable.
+
+    Use it inside your own ``nnx.jit`` (or ``jax.jit`` over split state).
+    """
+    if not isinstance(optimizer, nnx.Optimizer):
+      raise TypeError(
+          f"expected an nnx.Optimizer, got {type(optimizer).__name__}.")
+    # Under a transformation the model and optimizer are fresh copies on each
+    # trace: nothing to keep.
+    split = _split(model, optimizer)
+    return split.write_back(self._engine(split).apply(*split.pure(), *args))
+
+  def program(self, model: nnx.Module, optimizer: nnx.Optimizer, *args,
+              phase: Optional[int] = None) -> jax.stages.Lowered:
+    """The lowered program run for these arguments, to inspect or compile.
+
+    Args:
+      model, optimizer, *args: as for a call.
+      phase: the phase whose ``'host'`` program to return; ``None`` returns
+        the single ``lax.switch`` program of ``'cond'``.
+    """
+    split, engine = self._kept_split(model, optimizer)
+    return engine.program(*split.pure(), *args, phase=phase)
+
+
+def train_step(
+    loss_fn: Callable[..., Any],
+    *,
+    has_aux: bool = False,
+    dispatch: Dispatch = "auto",
+    donate: bool = False,
+) -> TrainStep:
+  """Builds a multirate train step for an ``nnx.Module`` and ``nnx.Optimizer``.
+
+  The optimizer is ``nnx.Optimizer(model, tx, wrt=...)`` with ``tx`` containing
+  one :func:`multirate_optax.multirate` (labels from :func:`fast_by_filter`,
+  or any labels that fit ``nnx.state(model, wrt)``). On slow steps every
+  parameter under ``wrt`` is differentiated, on fast steps only the fast ones;
+  the optimizer sees zeros for the rest, which multirate ignores.
+
+  Args:
+    loss_fn: ``loss_fn(model, *args) -> loss`` or ``(loss, aux)``.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    dispatch: ``'cond'``, ``'host'`` or ``'auto'``, as in
+      :func:`multirate_optax.train_step`.
+    donate: donate the model's and optimizer's buffers to the step, to save
+      memory: arrays read from the model and optimizer before the call (a
+      state kept with ``nnx.state``, say) are then deleted. ``False`` (the
+      default) keeps them usable.
+
+  Returns:
+    A :class:`TrainStep`: ``value = step(model, optimizer, *args)`` updates
+    both in place. For your own ``nnx.jit`` use its ``apply`` method.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from flax import nnx
+    >>> import multirate_optax as mo
+    >>> class Net(nnx.Module):
+    ...   def __init__(self, rngs):
+    ...     self.body = nnx.Linear(3, 8, rngs=rngs)
+    ...     self.head = nnx.Linear(8, 1, rngs=rngs)
+    ...   def __call__(self, x):
+    ...     return self.head(nnx.relu(self.body(x)))
+    >>> model = Net(nnx.Rngs(0))
+    >>> tx = mo.multirate(optax.sgd(0.01),
+    ...                   labels=mo.nnx.fast_by_filter(nnx.PathContains('head')),
+    ...                   period=4)
+    >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    >>> def loss_fn(model, x, y):
+    ...   return jnp.mean((model(x) - y) ** 2)
+    >>> step = mo.nnx.train_step(loss_fn)
+    >>> x, y = jnp.ones((8, 3)), jnp.zeros((8, 1))
+    >>> for _ in range(8):
+    ...   loss = step(model, optimizer, x, y)
+    >>> int(optimizer.step[...])
+    8
+  """
+  return TrainStep(loss_fn, has_aux=has_aux, dispatch=dispatch, donate=donate)
