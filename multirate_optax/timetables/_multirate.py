@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import warnings
-from typing import Optional
+from typing import Literal, Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -53,6 +54,7 @@ def multirate(
     period: int,
     drift: bool = True,
     slow_scale: Optional[float] = None,
+    slow_schedule_steps: Optional[Literal["global", "slow"]] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Multirate training: fast parameters every step, slow ones every ``period``.
 
@@ -83,9 +85,15 @@ def multirate(
 
   Learning-rate schedules: the fast optimizer's count advances on every step,
   so its schedules see the global step. The slow optimizer's count advances
-  on slow steps only, so its schedules see the number of slow updates so far,
-  ``t // period`` (with or without drift); wrap a schedule written in global
-  steps with :func:`in_slow_steps`.
+  on slow steps only (its bias corrections count slow updates). With one
+  optimizer for both groups (``slow=None``) its schedules see the global step
+  too, by default: a warm-up and decay written in train steps ends at the
+  same step for both groups. Their counts (those of ``optax.scale_by_schedule``,
+  which ``optax.sgd(schedule)`` and the like use, and of
+  ``optax.inject_hyperparams``) are set to the global step before each slow
+  update. With ``slow_schedule_steps='slow'`` (the default when ``slow`` is
+  given) they see the number of slow updates so far, ``t // period``; wrap a
+  schedule written in global steps with :func:`in_slow_steps` then.
 
   On fast steps the gradients of slow parameters are ignored, so a train step
   need not compute them: :func:`multirate_optax.train_step` does not.
@@ -106,6 +114,10 @@ def multirate(
     slow_scale: factor on the slow optimizer's updates as applied on each
       step that moves the slow parameters; default 1 without drift and
       ``1 / period`` with drift (one slow update per cycle).
+    slow_schedule_steps: the step the slow optimizer's learning-rate schedules
+      see: ``'global'`` (the train step, as the fast optimizer's) or
+      ``'slow'`` (the number of slow updates so far). ``None``: ``'global'``
+      when ``slow`` is ``None``, ``'slow'`` otherwise.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -130,6 +142,11 @@ def multirate(
     <https://arxiv.org/abs/2106.10771>`_, ICML 2022.
   """
   timetable = MultirateTimetable(period)
+  if slow_schedule_steps is None:
+    slow_schedule_steps = "global" if slow is None else "slow"
+  if slow_schedule_steps not in ("global", "slow"):
+    raise ValueError("slow_schedule_steps must be 'global', 'slow' or None, "
+                     f"got {slow_schedule_steps!r}.")
   slow = fast if slow is None else slow
   if slow_scale is None:
     slow_scale = 1.0 / timetable.period if drift else 1.0
@@ -168,17 +185,49 @@ def multirate(
                  True if timetable.period == 1 else
                  SLOW in active if active is not None else
                  timetable.is_slow_step(count))
+    slow_optimizer = (slow if count is None or slow_schedule_steps == "slow"
+                      else _schedules_at(slow, count))
     return {FAST: fast,
-            SLOW: gated(slow, slow_step, scale=slow_scale, hold=drift)}
+            SLOW: gated(slow_optimizer, slow_step, scale=slow_scale,
+                        hold=drift)}
 
   return timetabled(timetable, labels=labels_of, groups=groups)
+
+
+# The optax states whose count is the step their schedules are evaluated at.
+_SCHEDULE_STATES = (optax.ScaleByScheduleState, optax.InjectHyperparamsState,
+                    optax.InjectStatefulHyperparamsState)
+
+
+def _schedules_at(
+    inner: optax.GradientTransformation,
+    step: jax.Array) -> optax.GradientTransformationExtraArgs:
+  """``inner`` with the counts its schedules read set to ``step``.
+
+  Other counts (Adam's bias correction) keep counting ``inner``'s updates.
+  """
+  inner = optax.with_extra_args_support(inner)
+
+  def at_step(node):
+    if isinstance(node, _SCHEDULE_STATES):
+      return node._replace(count=jnp.asarray(step, node.count.dtype))
+    return node
+
+  def update_fn(updates, state, params=None, **extra_args):
+    state = jax.tree.map(at_step, state,
+                         is_leaf=lambda x: isinstance(x, _SCHEDULE_STATES))
+    return inner.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
 def in_slow_steps(
     schedule: optax.Schedule, period: int) -> optax.Schedule:
   """Adapts a learning-rate schedule in global steps to the slow optimizer.
 
-  The slow optimizer's count is the number of slow updates so far, ``n``; the
+  For a slow optimizer whose schedules see slow updates (one given as
+  ``slow``, or ``slow_schedule_steps='slow'``): its count is the number of
+  slow updates so far, ``n``; the
   ``n``-th slow update happens at global step ``n * period``. The returned
   schedule evaluates ``schedule`` there.
 

@@ -172,19 +172,93 @@ def test_schedules_fast_sees_global_step_slow_sees_slow_updates():
   grads = {"slow": jnp.ones(()), "fast": jnp.ones(())}
   lr = lambda count: (count + 1).astype(jnp.float32)  # step t has rate t + 1
   labels = {"slow": "slow", "fast": "fast"}
-  plain = mo.multirate(optax.sgd(lr), labels=labels, period=period,
-                       drift=False)
-  global_steps = mo.multirate(
+  one_optimizer = mo.multirate(optax.sgd(lr), labels=labels, period=period,
+                               drift=False)
+  in_slow_updates = mo.multirate(optax.sgd(lr), labels=labels, period=period,
+                                 drift=False, slow_schedule_steps="slow")
+  given_slow = mo.multirate(optax.sgd(lr), optax.sgd(lr), labels=labels,
+                            period=period, drift=False)
+  mapped = mo.multirate(
       optax.sgd(lr), optax.sgd(mo.in_slow_steps(lr, period)), labels=labels,
       period=period, drift=False)
-  history_plain, _ = run_optimizer(plain, params, [grads] * steps)
-  history_global, _ = run_optimizer(global_steps, params, [grads] * steps)
+  final = {name: run_optimizer(tx, params, [grads] * steps)[0][-1]
+           for name, tx in [("one", one_optimizer), ("slow", in_slow_updates),
+                            ("given", given_slow), ("mapped", mapped)]}
   # Fast: rates 1, 2, ..., 9 at steps 0..8.
-  assert float(history_plain[-1]["fast"]) == -sum(range(1, steps + 1))
-  # Slow updates at t = 0, 3, 6: their count is 0, 1, 2 ...
-  assert float(history_plain[-1]["slow"]) == -(1 + 2 + 3)
-  # ... unless the schedule is mapped to global steps: rates 1, 4, 7.
-  assert float(history_global[-1]["slow"]) == -(1 + 4 + 7)
+  assert float(final["one"]["fast"]) == -sum(range(1, steps + 1))
+  # One optimizer: the slow updates at t = 0, 3, 6 have rates 1, 4, 7 ...
+  assert float(final["one"]["slow"]) == -(1 + 4 + 7)
+  assert float(final["mapped"]["slow"]) == -(1 + 4 + 7)
+  # ... and counted in slow updates (0, 1, 2), rates 1, 2, 3.
+  assert float(final["slow"]["slow"]) == -(1 + 2 + 3)
+  assert float(final["given"]["slow"]) == -(1 + 2 + 3)
+
+
+def warmup_cosine_reference(grads_per_step, schedule, *, period, drift,
+                            momentum):
+  """One SGD-with-momentum optimizer for both groups, its rate in train steps.
+
+  fast, every step t:   p_F = mu p_F + g_F;  th_F -= lr(t) p_F
+  slow, t % k == 0:     p_S = mu p_S + g_S;  u = lr(t) p_S
+                        th_S -= u (no drift), or th_S -= u / k on each step
+                        of the cycle (drift)
+  """
+  theta = {"fast": np.zeros(4, np.float32), "slow": np.zeros(4, np.float32)}
+  mom = {name: np.zeros(4, np.float32) for name in theta}
+  held = np.zeros(4, np.float32)
+  mu = np.float32(momentum)
+  history = []
+  for t, grads in enumerate(grads_per_step):
+    lr = np.float32(schedule(t))
+    mom["fast"] = mu * mom["fast"] + np.asarray(grads["fast"])
+    theta["fast"] = theta["fast"] - lr * mom["fast"]
+    if t % period == 0:
+      mom["slow"] = mu * mom["slow"] + np.asarray(grads["slow"])
+      held = lr * mom["slow"]
+      if not drift:
+        theta["slow"] = theta["slow"] - held
+    if drift:
+      theta["slow"] = theta["slow"] - held / np.float32(period)
+    history.append({k: v.copy() for k, v in theta.items()})
+  return history
+
+
+@pytest.mark.parametrize("drift", [True, False])
+def test_one_optimizer_schedule_follows_global_step(drift):
+  period, steps = 4, 20
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, 0.5, warmup_steps=5, decay_steps=steps, end_value=0.0)
+  rng = np.random.default_rng(0)
+  grads = [{name: jnp.asarray(rng.normal(size=4), jnp.float32)
+            for name in ("fast", "slow")} for _ in range(steps)]
+  params = {"fast": jnp.zeros(4), "slow": jnp.zeros(4)}
+  tx = mo.multirate(optax.sgd(schedule, momentum=0.9),
+                    labels={"fast": "fast", "slow": "slow"}, period=period,
+                    drift=drift)
+  history, _ = run_optimizer(tx, params, grads)
+  expected = warmup_cosine_reference(grads, schedule, period=period,
+                                     drift=drift, momentum=0.9)
+  for got, want in zip(history, expected):
+    for name in ("fast", "slow"):
+      np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-7)
+
+
+def test_global_schedule_keeps_bias_correction_in_slow_updates():
+  period, steps = 3, 7
+  params = {"fast": jnp.zeros(2), "slow": jnp.zeros(2)}
+  tx = mo.multirate(optax.adam(optax.linear_schedule(1.0, 0.0, 100)),
+                    labels={"fast": "fast", "slow": "slow"}, period=period)
+  grads = [jax.tree.map(jnp.ones_like, params)] * steps
+  _, state = run_optimizer(tx, params, grads)
+  adam, schedule = state.inner.inner_states["slow"].inner_state.inner
+  assert int(adam.count) == 3  # slow updates at t = 0, 3, 6
+  assert int(schedule.count) == 7  # evaluated at t = 6, then advanced
+
+
+def test_slow_schedule_steps_is_checked():
+  with pytest.raises(ValueError, match="slow_schedule_steps must be"):
+    mo.multirate(optax.sgd(0.1), labels={"a": "fast"}, period=2,
+                 slow_schedule_steps="fast")
 
 
 def test_composes_with_inject_hyperparams():
