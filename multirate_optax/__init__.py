@@ -1,9 +1,10 @@
 """Multirate training for JAX/Optax.
 
 Update different parts of a network at different rates, and do no backward
-work for the parts that are not being updated on a step. The Flax adapters,
-:mod:`multirate_optax.linen` and :mod:`multirate_optax.nnx`, are imported on
-first use, so importing this package does not import Flax.
+work for the parts that are not being updated on a step. The Flax and
+Equinox adapters, :mod:`multirate_optax.linen`, :mod:`multirate_optax.nnx`
+and :mod:`multirate_optax.equinox`, are imported on first use, so importing
+this package imports neither Flax nor Equinox.
 """
 
 import importlib
@@ -25,7 +26,7 @@ from multirate_optax.timetables import (
 
 __version__ = "0.1.0"
 
-_LAZY_SUBMODULES = ("checkpoint", "linen", "nnx")
+_LAZY_SUBMODULES = ("checkpoint", "equinox", "linen", "nnx")
 
 __all__ = (
     "budgeted",
@@ -71,7 +72,7 @@ __all__ = (
 
 
 def __getattr__(name: str) -> Any:
-  # Flax and orbax load only when their adapters are first used.
+  # Flax, Equinox and orbax load only when their adapters are first used.
   if name in _LAZY_SUBMODULES:
     return importlib.import_module(f"{__name__}.{name}")
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

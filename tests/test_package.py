@@ -31,7 +31,7 @@ import sys, time
 start = time.perf_counter()
 import multirate_optax as mo
 print(time.perf_counter() - start)
-heavy = ("flax", "orbax", "chex", "sklearn", "torch", "matplotlib", "tqdm")
+heavy = ("flax", "equinox", "orbax", "chex", "sklearn", "torch", "matplotlib", "tqdm")
 print(sorted({m.split(".")[0] for m in sys.modules} & set(heavy)))
 mo.linen  # the adapters load on first use
 print("flax" in sys.modules)
@@ -93,6 +93,7 @@ LAYERS = {
     "profiling": {"core"},
     "linen": {"core"},
     "nnx": {"core"},
+    "equinox": {"core"},
     "checkpoint": {"core", "budgeted"},
 }
 
