@@ -12,7 +12,8 @@ from typing import Any
 
 from multirate_optax import budgeted, core, growth, profiling, timetables
 from multirate_optax.core import (
-    fast_by_depth, fast_by_path, find_timetable_state, GateState, path_str,
+    fast_by_depth, fast_by_path, find_timetable_state, GateState,
+    groups_by_path, path_str,
     resolve_dispatch, Timetable, TimetableState, train_step, TrainStep)
 from multirate_optax.growth import (
     describe_widths, element_stages, grow, grow_optimizer_state, Growth,
@@ -20,9 +21,10 @@ from multirate_optax.growth import (
 from multirate_optax.profiling import (
     CostEstimate, estimate_saving)
 from multirate_optax.timetables import (
-    freezeout, FreezeOutTimetable, full_weights, in_slow_steps, keep_frozen,
-    layers_by_module, multirate, MultirateTimetable, random_subgroups,
-    random_subgroups_state, RandomSubgroupsState, RandomSubgroupsTimetable)
+    freezeout, FreezeOutTimetable, full_weights, gradual_unfreezing,
+    in_slow_steps, keep_frozen, layers_by_module, multirate,
+    MultirateTimetable, random_subgroups, random_subgroups_state,
+    RandomSubgroupsState, RandomSubgroupsTimetable, UnfreezingTimetable)
 
 __version__ = "0.1.0"
 
@@ -45,8 +47,10 @@ __all__ = (
     "FreezeOutTimetable",
     "full_weights",
     "GateState",
+    "gradual_unfreezing",
     "grow",
     "grow_optimizer_state",
+    "groups_by_path",
     "Growth",
     "growth_plan",
     "GrowthPlan",
@@ -68,6 +72,7 @@ __all__ = (
     "TimetableState",
     "train_step",
     "TrainStep",
+    "UnfreezingTimetable",
 ) + _LAZY_SUBMODULES
 
 

@@ -16,7 +16,8 @@ adapter (:mod:`multirate_optax.linen`, :mod:`multirate_optax.nnx`) runs it.
 """
 
 from multirate_optax.core._dispatch import resolve_dispatch
-from multirate_optax.core._groups import fast_by_depth, fast_by_path, path_str
+from multirate_optax.core._groups import (
+    fast_by_depth, fast_by_path, groups_by_path, path_str)
 from multirate_optax.core._timetable import (
     Timetable, TimetableState, find_timetable_state)
 from multirate_optax.core._timetabled import GateState
@@ -27,6 +28,7 @@ __all__ = (
     "fast_by_path",
     "find_timetable_state",
     "GateState",
+    "groups_by_path",
     "path_str",
     "resolve_dispatch",
     "Timetable",

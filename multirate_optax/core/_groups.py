@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import jax
 
@@ -145,6 +145,55 @@ def fast_by_path(
     not_a_step_count(params, "the labels function of fast_by_path")
     return jax.tree_util.tree_map_with_path(
         lambda path, _: FAST if predicate(path_str(path)) else SLOW, params)
+
+  return labels
+
+
+def groups_by_path(
+    patterns: Mapping[str, Union[str, re.Pattern[str]]],
+    default: Optional[str] = None,
+) -> Callable[[PyTree], PyTree]:
+  """Labels each parameter with the first group whose pattern its path matches.
+
+  The groups of :func:`multirate_optax.multirate_groups` and
+  :func:`multirate_optax.gradual_unfreezing`, by path, as
+  :func:`fast_by_path` gives multirate's two.
+
+  Args:
+    patterns: ``{group: regular expression}``, searched in each leaf's
+      '/'-joined path in the mapping's order; the first match wins.
+    default: the group of parameters that match no pattern; ``None`` makes
+      such a parameter an error that names it.
+
+  Returns:
+    A labels function.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import multirate_optax as mo
+    >>> params = {'stem': {'w': jnp.ones(2)}, 'block': {'w': jnp.ones(2)},
+    ...           'head': {'w': jnp.ones(1)}}
+    >>> mo.groups_by_path({'head': '^head/', 'last': '^block/'},
+    ...                   default='backbone')(params)
+    {'block': {'w': 'last'}, 'head': {'w': 'head'}, 'stem': {'w': 'backbone'}}
+  """
+  compiled = [(group, re.compile(pattern)) for group, pattern in patterns.items()]
+
+  def group_of(path: str) -> str:
+    for group, pattern in compiled:
+      if pattern.search(path) is not None:
+        return group
+    if default is None:
+      raise ValueError(
+          f"parameter {path!r} matches none of the patterns "
+          f"{ {g: p.pattern for g, p in compiled} }; add a pattern for it or "
+          "give groups_by_path a default group.")
+    return default
+
+  def labels(params: PyTree) -> PyTree:
+    not_a_step_count(params, "the labels function of groups_by_path")
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: group_of(path_str(path)), params)
 
   return labels
 

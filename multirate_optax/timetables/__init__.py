@@ -6,6 +6,8 @@
   order.
 * Random subgroups: multirate with a random elementwise slow subset, redrawn
   every cycle.
+* Gradual unfreezing (Howard & Ruder, 2018): groups join training top-down,
+  with discriminative rates and a schedule restarted at each unfreezing.
 
 Each is a :class:`~multirate_optax.Timetable` and a transformation built on
 :mod:`multirate_optax.core`; the train steps read the timetable from the
@@ -19,11 +21,14 @@ from multirate_optax.timetables._multirate import (
 from multirate_optax.timetables._random_subgroups import (
     RandomSubgroupsState, RandomSubgroupsTimetable, full_weights,
     random_subgroups, random_subgroups_state)
+from multirate_optax.timetables._unfreezing import (
+    gradual_unfreezing, UnfreezingTimetable)
 
 __all__ = (
     "freezeout",
     "FreezeOutTimetable",
     "full_weights",
+    "gradual_unfreezing",
     "in_slow_steps",
     "keep_frozen",
     "layers_by_module",
@@ -33,4 +38,5 @@ __all__ = (
     "random_subgroups_state",
     "RandomSubgroupsState",
     "RandomSubgroupsTimetable",
+    "UnfreezingTimetable",
 )

@@ -282,24 +282,30 @@ def freezeout(
 def keep_frozen(
     new: PyTree,
     old: PyTree,
-    timetable: FreezeOutTimetable,
+    timetable: Timetable,
     *,
     layers: Labels,
     step: Step,
 ) -> PyTree:
-  """``new``, with the leaves of layers frozen at ``step`` taken from ``old``.
+  """``new``, with the leaves of groups inactive at ``step`` taken from ``old``.
 
   Use it on batch-norm statistics, so that those of frozen layers stop
-  updating, as in the reference implementation (which also switches the
-  frozen layers' batch norm to its running averages in the forward pass;
-  here the model decides how it normalises).
+  updating, as in the reference implementation of FreezeOut (which also
+  switches the frozen layers' batch norm to its running averages in the
+  forward pass; here the model decides how it normalises). It works for any
+  timetable: with :func:`multirate_optax.gradual_unfreezing` it keeps the
+  statistics of the groups not yet unfrozen.
 
   Args:
     new: the values the train step at ``step`` produced (e.g. ``batch_stats``).
     old: the values before that step, with the structure of ``new``.
-    timetable: the timetable given to :func:`freezeout`.
-    layers: the layer index of each leaf of ``new``, as for :func:`freezeout`;
-      the ``{module: layer}`` mapping given there works as it is.
+    timetable: the timetable given to :func:`freezeout` (or to another
+      timetabled transformation).
+    layers: the layer index of each leaf of ``new``, as for :func:`freezeout`
+      (the ``{module: layer}`` mapping given there works as it is); for
+      another timetable, the group name of each leaf, as a pytree with the
+      structure of ``new`` (or a prefix of it), a ``{module: group}``
+      mapping, or a callable.
     step: the index of the train step (from 0) that produced ``new``. With a
       Python int the choice is made on the host and no device work is done.
 
@@ -316,17 +322,44 @@ def keep_frozen(
     >>> mo.keep_frozen(new, old, timetable, layers=layers, step=2)['bn']['mean']
     Array([0., 0.], dtype=float32)
   """
-  per_leaf = _resolve_layers(layers, new, timetable.num_layers, "new")
+  if isinstance(timetable, FreezeOutTimetable):
+    per_leaf = tuple(str(layer) for layer in _resolve_layers(
+        layers, new, timetable.num_layers, "new"))
+  elif isinstance(timetable, Timetable):
+    per_leaf = _resolve_groups(layers, new, timetable.groups)
+  else:
+    raise TypeError(
+        f"timetable must be a Timetable, got {type(timetable).__name__}.")
   new_leaves, treedef = jax.tree.flatten(new)
   old_leaves = jax.tree.leaves(old)
   if len(old_leaves) != len(new_leaves):
     raise ValueError(
         f"old has {len(old_leaves)} leaves and new {len(new_leaves)}; they "
         "need the same structure.")
+  phases = timetable.phases
   if isinstance(step, (int, np.integer)):
-    kept = [o if timetable.is_frozen(layer, step) else n
-            for n, o, layer in zip(new_leaves, old_leaves, per_leaf)]
+    active = phases[timetable.phase(int(step))]
+    kept = [n if group in active else o
+            for n, o, group in zip(new_leaves, old_leaves, per_leaf)]
   else:
-    kept = [jnp.where(timetable.is_frozen(layer, step), o, n)
-            for n, o, layer in zip(new_leaves, old_leaves, per_leaf)]
+    phase = timetable.phase(step)
+    is_active = {group: jnp.asarray([group in p for p in phases])[phase]
+                 for group in set(per_leaf)}
+    kept = [jnp.where(is_active[group], n, o)
+            for n, o, group in zip(new_leaves, old_leaves, per_leaf)]
   return jax.tree.unflatten(treedef, kept)
+
+
+def _resolve_groups(groups: Labels, tree: PyTree,
+                    names: frozenset[str]) -> tuple[str, ...]:
+  """The group of every leaf of ``tree``; a ``{module: group}`` mapping may
+  name more modules than ``tree`` has (batch statistics are in a few)."""
+  label_tree = groups(tree) if callable(groups) else groups
+  if isinstance(label_tree, Mapping) and isinstance(tree, Mapping):
+    missing = [name for name in tree if name not in label_tree]
+    if missing:
+      raise ValueError(
+          f"new has top-level entries {missing} that layers does not "
+          f"label; layers has {list(label_tree)}.")
+    label_tree = {name: label_tree[name] for name in tree}
+  return resolve_labels(label_tree, tree, names)
