@@ -1,0 +1,270 @@
+"""The budget sweep: every method planned for every budget, with intervals.
+
+The time protocol of :mod:`experiments.finetune.budget` gives each method one
+run planned for train-all's time ``T`` and reads it at earlier budgets; a
+method that is still at a high rate at ``T/2`` looks worse there than a run a
+user with budget ``T/2`` would make. Here each method gets, for each fraction
+``f`` of ``T``, a run planned for ``f T`` (:func:`budget_variants`: its steps
+from its measured speed, its rates decaying to zero over those steps,
+:class:`experiments.finetune.settings.Method` ``budget_fraction``); its
+accuracy at ``f`` is the checkpoint chosen on validation within ``f T``.
+Train-all at ``f = 1`` is the baseline that sets ``T`` on each seed.
+
+Intervals (:func:`interval`): the mean test accuracy over seeds, with a 95%
+half-width combining the spread over seeds (Student's t on the per-seed
+accuracies) and the binomial sampling error of a test split of ``n``
+examples (``1.96 sqrt(p (1 - p) / n)``), added in quadrature: the seeds
+share one test split, so its sampling error does not average out over them.
+A difference between two methods (:func:`difference`) takes the t-interval of
+the per-seed differences (paired by seed) and adds both methods' binomial
+terms, which overstates the test-split error of a paired comparison: the
+verdicts are conservative. Verdicts: ``met`` when the interval lies on the
+target's side, ``missed`` when it lies on the other, ``not resolved``
+otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
+
+import numpy as np
+from scipy import stats
+
+from experiments.finetune.budget import at_budget
+from experiments.finetune.settings import Method, Settings
+
+FRACTIONS = (0.125, 0.25, 0.5, 1.0)
+_SEPARATOR = "@"
+
+
+def variant_name(method: Method, fraction: float) -> str:
+  """The name of ``method`` planned for ``fraction`` of ``T``.
+
+  Example:
+    >>> variant_name(Method("train_all", "train all"), 0.25)
+    'train_all@0.25'
+  """
+  return f"{method.name}{_SEPARATOR}{fraction:g}"
+
+
+def budget_variants(methods: Sequence[Method], settings: Settings,
+                    fractions: Sequence[float] = FRACTIONS
+                    ) -> tuple[list[Method], Settings]:
+  """Every method planned for every fraction, and settings whose grids name
+  them (each variant's grid is its method's: grids of the same size for
+  every budget).
+
+  Train-all at ``f = 1`` keeps its name: it is the run that sets ``T``.
+
+  Example:
+    >>> from experiments.finetune.tasks import VISION
+    >>> methods = [m for m in VISION.methods if m.name == "train_all"]
+    >>> variants, settings = budget_variants(methods, VISION.quick, (0.5, 1))
+    >>> [(m.name, m.budget_fraction, m.train_all) for m in variants]
+    [('train_all@0.5', 0.5, False), ('train_all', 1, True)]
+    >>> settings.grids['train_all@0.5'] == settings.grids['train_all']
+    True
+  """
+  if not fractions or any(not 0 < f <= 1 for f in fractions):
+    raise ValueError(f"fractions must be in (0, 1], got {fractions!r}.")
+  variants, grids = [], dict(settings.grids)
+  for method in methods:
+    for fraction in fractions:
+      name = (method.name if method.train_all and fraction == 1
+              else variant_name(method, fraction))
+      variants.append(dataclasses.replace(
+          method, name=name, budget_fraction=fraction,
+          label=f"{method.label}, planned for {fraction:g} T"))
+      grids[name] = settings.grids[method.name]
+  return variants, dataclasses.replace(settings, grids=grids)
+
+
+def base_and_fraction(result: Mapping[str, Any]) -> tuple[str, float]:
+  """A variant's method name and budget fraction, from its result's name."""
+  name = result["name"]
+  if _SEPARATOR not in name:
+    return name, 1.0
+  base, fraction = name.rsplit(_SEPARATOR, 1)
+  return base, float(fraction)
+
+
+def interval(accuracies: Sequence[float], test_size: int,
+             level: float = 0.95) -> tuple[float, float]:
+  """Mean and 95% half-width, in points, of per-seed test accuracies (0-1).
+
+  Example:
+    >>> mean, half = interval([0.9, 0.92, 0.94], test_size=1000)
+    >>> round(mean, 2), round(half, 2)  # hypot(4.303 * 2 / sqrt(3), 1.68)
+    (92.0, 5.25)
+  """
+  values = 100 * np.asarray(accuracies, float)
+  mean = float(values.mean())
+  seeds = len(values)
+  seed_half = (stats.t.ppf(0.5 + level / 2, seeds - 1)
+               * values.std(ddof=1) / math.sqrt(seeds) if seeds > 1 else 0.0)
+  p = mean / 100
+  test_half = (stats.norm.ppf(0.5 + level / 2)
+               * 100 * math.sqrt(p * (1 - p) / test_size))
+  return mean, float(math.hypot(seed_half, test_half))
+
+
+def difference(first: Sequence[float], second: Sequence[float],
+               test_size: int, level: float = 0.95) -> tuple[float, float]:
+  """Mean and 95% half-width, in points, of ``first - second``, paired by seed.
+
+  Example:
+    >>> mean, half = difference([0.9, 0.9], [0.9, 0.9], test_size=10**9)
+    >>> mean, round(half, 3)
+    (0.0, 0.003)
+  """
+  a, b = (100 * np.asarray(x, float) for x in (first, second))
+  if a.shape != b.shape:
+    raise ValueError(f"paired by seed: {a.shape} against {b.shape}.")
+  diffs = a - b
+  seeds = len(diffs)
+  seed_half = (stats.t.ppf(0.5 + level / 2, seeds - 1)
+               * diffs.std(ddof=1) / math.sqrt(seeds) if seeds > 1 else 0.0)
+  z = stats.norm.ppf(0.5 + level / 2)
+  test_half = z * 100 * math.sqrt(sum(
+      (m / 100) * (1 - m / 100) for m in (a.mean(), b.mean())) / test_size)
+  return float(diffs.mean()), float(math.hypot(seed_half, test_half))
+
+
+def verdict(mean: float, half: float, threshold: float = 0.0) -> str:
+  """``'met'`` if the interval lies at or above ``threshold``, ``'missed'``
+  if below it, else ``'not resolved'``.
+
+  Example:
+    >>> verdict(1.0, 0.5), verdict(-1.0, 0.5), verdict(0.2, 0.5)
+    ('met', 'missed', 'not resolved')
+  """
+  if mean - half >= threshold:
+    return "met"
+  if mean + half < threshold:
+    return "missed"
+  return "not resolved"
+
+
+def sweep_table(results: Sequence[Mapping[str, Any]],
+                test_size: int) -> dict[str, dict[str, dict[str, Any]]]:
+  """Per method and fraction: per-seed test and validation accuracy at
+  ``f T`` of the run planned for ``f T``, and the test interval."""
+  budgets = {run["seed"]: run["train_seconds"]
+             for result in results if result.get("train_all")
+             for run in result["runs"]}
+  table: dict[str, dict[str, dict[str, Any]]] = {}
+  for result in results:
+    base, fraction = base_and_fraction(result)
+    chosen = [at_budget(run["points"], fraction * budgets[run["seed"]])
+              for run in result["runs"]]
+    test = [c["test_accuracy"] for c in chosen]
+    mean, half = interval(test, test_size)
+    table.setdefault(base, {})[f"{fraction:g}"] = {
+        "rates": result["rates"], "seeds": [r["seed"] for r in result["runs"]],
+        "test": test, "validation": [c["validation_accuracy"] for c in chosen],
+        "test_mean": mean, "test_half_width": half,
+        "validation_mean": 100 * float(np.mean(
+            [c["validation_accuracy"] for c in chosen])),
+        "epochs": [r["epochs"] for r in result["runs"]],
+    }
+  return table
+
+
+def check_sweep_targets(table: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                        test_size: int,
+                        multirate: Sequence[str]) -> list[dict[str, Any]]:
+  """The issue's targets, with the multirate variant chosen on validation at
+  each budget."""
+
+  def best_multirate(fraction: str) -> str:
+    return max(multirate, key=lambda name: table[name][fraction][
+        "validation_mean"])
+
+  def compare(name: str, fraction: str, other: str, other_fraction: str,
+              threshold: float, what: str) -> dict[str, Any]:
+    mean, half = difference(table[name][fraction]["test"],
+                            table[other][other_fraction]["test"], test_size)
+    return {"target": what, "multirate": name, "against": other,
+            "difference_mean": mean, "difference_half_width": half,
+            "verdict": verdict(mean, half, threshold)}
+
+  rows = []
+  if "0.5" in table.get("train_all", {}):
+    chosen = best_multirate("0.5")
+    rows.append(compare(chosen, "0.5", "train_all", "0.5", 0.0,
+                        "at T/2, multirate >= train-all planned for T/2"))
+    rows.append(compare(chosen, "0.5", "train_all", "1", -0.5,
+                        "at T/2, multirate within 0.5 points of train-all "
+                        "at T"))
+  if "0.25" in table.get("train_all", {}):
+    chosen = best_multirate("0.25")
+    for other in table:
+      if other not in multirate and "0.25" in table[other]:
+        rows.append(compare(chosen, "0.25", other, "0.25", 0.0,
+                            f"at T/4, multirate ahead of {other} planned "
+                            "for T/4"))
+  return rows
+
+
+def format_sweep(table: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                 targets: Sequence[Mapping[str, Any]]) -> str:
+  """The sweep as a text table: mean ± 95% half-width per budget."""
+  fractions = sorted({f for rows in table.values() for f in rows}, key=float)
+  width = max(len(name) for name in table)
+  lines = [f"{'method':<{width}}  " + "  ".join(
+      f"{'B = ' + f + ' T':>14}" for f in fractions)]
+  for name, rows in table.items():
+    cells = [f"{rows[f]['test_mean']:6.2f} ± {rows[f]['test_half_width']:4.2f}"
+             if f in rows else " " * 14 for f in fractions]
+    lines.append(f"{name:<{width}}  " + "  ".join(f"{c:>14}" for c in cells))
+  lines.append("")
+  for target in targets:
+    lines.append(
+        f"{target['target']} ({target['multirate']}): "
+        f"{target['difference_mean']:+.2f} ± "
+        f"{target['difference_half_width']:.2f} points: {target['verdict']}")
+  return "\n".join(lines)
+
+
+def plot_sweep(table: Mapping[str, Mapping[str, Mapping[str, Any]]],
+               title: str, path: Any) -> None:
+  """Test accuracy against the training budget, one line per method, with
+  its 95% band."""
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+  figure, axes = plt.subplots(figsize=(7, 4.5))
+  for name, rows in table.items():
+    fractions = sorted(rows, key=float)
+    x = [float(f) for f in fractions]
+    mean = np.array([rows[f]["test_mean"] for f in fractions])
+    half = np.array([rows[f]["test_half_width"] for f in fractions])
+    (line,) = axes.plot(x, mean, marker="o", label=name)
+    axes.fill_between(x, mean - half, mean + half, alpha=0.15,
+                      color=line.get_color())
+  axes.set_xscale("log", base=2)
+  axes.set_xlabel("training budget, fraction of train-all's time T")
+  axes.set_ylabel("test accuracy (%), each run planned for its budget")
+  axes.set_title(title, fontsize=9)
+  axes.legend(fontsize=8)
+  axes.grid(alpha=0.3)
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  plt.close(figure)
+
+
+def sweep_report(report: Mapping[str, Any],
+                 multirate: Optional[Sequence[str]] = None) -> dict[str, Any]:
+  """The sweep's table and targets from :func:`run_experiment`'s report."""
+  test_size = report["split_sizes"]["test"]
+  table = sweep_table(report["methods"], test_size)
+  if multirate is None:
+    multirate = sorted({base_and_fraction(r)[0] for r in report["methods"]
+                        if r["multirate"]})
+  return {"table": table,
+          "targets": check_sweep_targets(table, test_size, multirate),
+          "interval": "95%: t over seeds (+) binomial test-split error, "
+                      "in quadrature; differences paired by seed"}
