@@ -13,6 +13,8 @@ earlier call consumed.
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import functools
 import os
 import sys
@@ -28,6 +30,29 @@ from multirate_optax.core._timetable import Located, locate_timetable_state
 from multirate_optax.core._timetabled import tracing_phase
 
 Dispatch = Literal["auto", "cond", "host"]
+
+# Whether a program of 'host' dispatch is being traced: its count must advance
+# on every step, a skipped one included (see the core train step).
+_TRACING_HOST_PROGRAM: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "multirate_optax_tracing_host_program", default=False)
+
+
+def tracing_host_program() -> bool:
+  """Whether the step being traced is one phase's program of ``'host'`` dispatch.
+
+  The host picks the next program from a count it advances itself, without
+  waiting for the device: such a program must advance the count on every step.
+  """
+  return _TRACING_HOST_PROGRAM.get()
+
+
+@contextlib.contextmanager
+def _tracing_host_program() -> Any:
+  token = _TRACING_HOST_PROGRAM.set(True)
+  try:
+    yield
+  finally:
+    _TRACING_HOST_PROGRAM.reset(token)
 
 # Nodes of an optimizer state known to advance the inner state they hold
 # exactly once per update (optax.chain, named_chain, partition, masked,
@@ -82,7 +107,7 @@ class PhaseDispatch:
     self._donated = bool(donate_argnums)
     self._switch_program = jax.jit(self.switch, donate_argnums=donate_argnums)
     self._phase_program = jax.jit(
-        self._step_of_traced_phase, static_argnums=0,
+        self._host_step, static_argnums=0,
         donate_argnums=tuple(i + 1 for i in donate_argnums))
     self._host_count = HostCount(donated=self._donated)
 
@@ -92,6 +117,11 @@ class PhaseDispatch:
         args[self._state_argnum]).state.timetable
     with tracing_phase(timetable, phase):
       return self._step_of_phase(phase, *args)
+
+  def _host_step(self, phase: int, *args) -> Sequence[Any]:
+    """The program of ``phase`` for ``'host'`` dispatch."""
+    with _tracing_host_program():
+      return self._step_of_traced_phase(phase, *args)
 
   def switch(self, *args) -> Sequence[Any]:
     """The step of every phase, one picked with ``jax.lax.switch``; traceable.
@@ -198,12 +228,15 @@ class HostCount:
       if isinstance(count, jax.core.Tracer):
         raise TypeError(
             "a train step with 'host' dispatch was called inside a JAX "
-            "transformation (jax.jit, nnx.jit, scan, jax.vmap, ...), where "
-            "the step count is not known on the host (under jax.vmap each "
-            "member may be at another step): build the step with "
-            "dispatch='cond', or call its .apply method (one lax.switch "
+            "transformation (jax.jit, nnx.jit, scan, jax.vmap, jax.pmap, "
+            "...), where the step count is not known on the host (under "
+            "jax.vmap each member may be at another step): build the step "
+            "with dispatch='cond', or call its .apply method (one lax.switch "
             "program) inside your own jit; for your own NNX step with host "
-            "dispatch, decorate it with multirate_optax.nnx.jit.")
+            "dispatch, decorate it with multirate_optax.nnx.jit. Under "
+            "jax.pmap, also pass axis_name= to the train step to average the "
+            "gradients; or, with either dispatch, drop pmap and shard the "
+            "batch over a jax.sharding.Mesh (docs/multi_device.md).")
       # Exact types: every optax state is a NamedTuple, a tuple subclass.
       refused = [t for t in located.enclosing
                  if t not in _ADVANCES_ONCE_PER_UPDATE]

@@ -74,7 +74,9 @@ def value_and_active_grad(
     loss_fn: Callable[..., Any],
     active: Sequence[bool],
     has_aux: bool,
-) -> Callable[..., tuple[Any, PyTree]]:
+    value_and_grad: Callable[..., Callable[..., tuple[Any, ...]]] = (
+        jax.value_and_grad),
+) -> Callable[..., tuple[Any, ...]]:
   """Like ``jax.value_and_grad``, differentiating only the active leaves.
 
   Args:
@@ -82,16 +84,21 @@ def value_and_active_grad(
     active: for each leaf of ``params`` (``jax.tree.leaves`` order), whether
       to differentiate with respect to it.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    value_and_grad: ``value_and_grad(fun, has_aux=...)`` returning a function
+      whose outputs end with the gradients: ``jax.value_and_grad``, or one
+      that also averages them over devices, or Flax's
+      ``DynamicScale.value_and_grad`` (scaled loss, unscaled gradients).
 
   Returns:
-    ``f(params, *args) -> (value, grads)`` where ``value`` is what ``loss_fn``
-    returns and ``grads`` has the structure of ``params``, with zeros for the
-    inactive leaves.
+    ``f(params, *args) -> (*outputs, grads)``: ``value_and_grad``'s outputs,
+    for ``jax.value_and_grad`` ``(value, grads)`` where ``value`` is what
+    ``loss_fn`` returns; ``grads`` has the structure of ``params``, with zeros
+    for the inactive leaves.
   """
   active = tuple(active)
   loss = checked_loss(loss_fn, has_aux)
 
-  def value_and_grad(params, *args):
+  def value_and_restricted_grad(params, *args):
     leaves, treedef = jax.tree.flatten(params)
     if len(leaves) != len(active):
       raise ValueError(
@@ -105,11 +112,11 @@ def value_and_active_grad(
       return loss(jax.tree.unflatten(treedef, merged), *args)
 
     active_leaves = [leaf for leaf, a in zip(leaves, active) if a]
-    value, active_grads = jax.value_and_grad(restricted_loss, has_aux=has_aux)(
+    *outputs, active_grads = value_and_grad(restricted_loss, has_aux=has_aux)(
         active_leaves, *args)
     it = iter(active_grads)
     grads = [next(it) if a else jnp.zeros_like(leaf)
              for leaf, a in zip(leaves, active)]
-    return value, jax.tree.unflatten(treedef, grads)
+    return (*outputs, jax.tree.unflatten(treedef, grads))
 
-  return value_and_grad
+  return value_and_restricted_grad

@@ -12,7 +12,7 @@ from flax.training import train_state
 from multirate_optax.core._gradients import check_loss_signature, describe
 from multirate_optax.core._timetable import find_timetable_state
 from multirate_optax.core._dispatch import Dispatch, resolve_dispatch
-from multirate_optax.core._train_step import TrainStep as CoreTrainStep
+from multirate_optax.core._train_step import AxisName, TrainStep as CoreTrainStep
 
 PyTree = Any
 
@@ -63,6 +63,11 @@ def _batch_stats_of(state: Any) -> Optional[PyTree]:
   return getattr(state, "batch_stats", None)
 
 
+def _dynamic_scale_of(state: Any) -> Optional[Any]:
+  """The state's loss scale (Flax's ``DynamicScale``), as Flax's examples name it."""
+  return getattr(state, "dynamic_scale", None)
+
+
 class TrainStep:
   """A multirate train step on a Linen :class:`TrainState`.
 
@@ -76,14 +81,15 @@ class TrainStep:
   """
 
   def __init__(self, loss_fn: Callable[..., Any], *, has_aux: bool,
-               dispatch: Dispatch, donate: bool):
+               dispatch: Dispatch, donate: bool, axis_name: AxisName = None):
     if not callable(loss_fn):
       raise TypeError(f"loss_fn must be callable, got {loss_fn!r}.")
     self._loss_fn = loss_fn
     self._has_aux = has_aux
     self.dispatch = resolve_dispatch(dispatch)
     self._donate = donate
-    self._core_steps: dict[tuple[Any, bool], CoreTrainStep] = {}
+    self._axis_name = axis_name
+    self._core_steps: dict[tuple[Any, bool, bool], CoreTrainStep] = {}
 
   def _loss_with_batch_stats(self, params, batch_stats, *args):
     """The user's loss in the core's ``(loss, aux)`` form."""
@@ -103,6 +109,11 @@ class TrainStep:
           f"return {expected}, got (loss, {describe(out[1])}).")
     loss, rest = out
     new_batch_stats = rest[0] if self._has_aux else rest
+    if self._axis_name:
+      # Replicas whose BatchNorm has no axis_name of its own would keep
+      # statistics of their own shards; with one they are already equal.
+      new_batch_stats = jax.lax.pmean(new_batch_stats, self._axis_name)
+      rest = (new_batch_stats, rest[1]) if self._has_aux else new_batch_stats
     want = jax.tree.structure(batch_stats)
     got = jax.tree.structure(new_batch_stats)
     if got != want:
@@ -120,8 +131,9 @@ class TrainStep:
     return loss, rest
 
   def _core_step(self, tx: optax.GradientTransformation,
-                 with_batch_stats: bool, num_args: int) -> CoreTrainStep:
-    key = (tx, with_batch_stats)
+                 with_batch_stats: bool, with_dynamic_scale: bool,
+                 num_args: int) -> CoreTrainStep:
+    key = (tx, with_batch_stats, with_dynamic_scale)
     if key not in self._core_steps:
       try:
         check_loss_signature(self._loss_fn, num_args)
@@ -135,7 +147,8 @@ class TrainStep:
               else self._loss_fn)
       self._core_steps[key] = CoreTrainStep(
           loss, tx, has_aux=with_batch_stats or self._has_aux,
-          dispatch=self.dispatch, donate=self._donate)
+          dispatch=self.dispatch, donate=self._donate,
+          axis_name=self._axis_name, dynamic_scale=with_dynamic_scale)
     return self._core_steps[key]
 
   def _run(self, method: str, state: Any, args: tuple[Any, ...], **kwargs):
@@ -144,15 +157,23 @@ class TrainStep:
           "expected a multirate_optax.linen.TrainState or Flax's "
           f"flax.training.train_state.TrainState, got {type(state).__name__}.")
     batch_stats = _batch_stats_of(state)
+    dynamic_scale = _dynamic_scale_of(state)
     pre = () if batch_stats is None else (batch_stats,)
     core = self._core_step(state.tx, batch_stats is not None,
-                           len(pre) + len(args))
-    return getattr(core, method)(state.params, state.opt_state, *pre, *args,
-                                 **kwargs)
+                           dynamic_scale is not None, len(pre) + len(args))
+    scale = () if dynamic_scale is None else (dynamic_scale,)
+    return getattr(core, method)(state.params, state.opt_state, *scale, *pre,
+                                 *args, **kwargs)
 
   def _advanced(self, state: Any, outputs):
-    params, opt_state, value = outputs
-    changes = dict(step=state.step + 1, params=params, opt_state=opt_state)
+    if _dynamic_scale_of(state) is None:
+      params, opt_state, value = outputs
+      changes = dict(params=params, opt_state=opt_state)
+    else:
+      params, opt_state, dynamic_scale, value = outputs
+      changes = dict(params=params, opt_state=opt_state,
+                     dynamic_scale=dynamic_scale)
+    changes["step"] = state.step + 1
     if _batch_stats_of(state) is None:
       return state.replace(**changes), value
     loss, rest = value
@@ -185,12 +206,23 @@ def train_step(
     has_aux: bool = False,
     dispatch: Dispatch = "auto",
     donate: bool = False,
+    axis_name: AxisName = None,
 ) -> TrainStep:
   """Builds a multirate train step for a Linen train state.
 
   On slow steps every parameter gets a gradient, on fast steps only the fast
   ones (see :func:`multirate_optax.train_step`). The forward pass, BatchNorm
   statistics and dropout run as usual on every step.
+
+  Half precision: a state with a ``dynamic_scale`` field that is not ``None``
+  (Flax's ``flax.training.dynamic_scale.DynamicScale``, as in Flax's ImageNet
+  example) is trained as Flax's examples do: the loss is scaled, the
+  gradients unscaled, the scale adapted, and a step with non-finite gradients
+  leaves the parameters and optimizer state as they were (the batch
+  statistics are the model's, as there). With ``'cond'`` dispatch the step
+  count of the timetable stays too, so the same phase is retried with the
+  next batch; with ``'host'`` it advances and a skipped slow step's update is
+  missed, with a warning (see :func:`multirate_optax.train_step`).
 
   Args:
     loss_fn: for a state without ``batch_stats`` (Flax's ``TrainState``, or
@@ -210,6 +242,10 @@ def train_step(
       including the arrays given to ``TrainState.create`` and any state kept
       for later. ``False`` (the default) keeps every state usable, as Flax's
       ``apply_gradients`` does.
+    axis_name: inside ``jax.pmap``, the named axis to average the gradients
+      (and the new batch statistics) over, as Flax's examples do with
+      ``lax.pmean``; needs ``dispatch='cond'``. See
+      :func:`multirate_optax.train_step`.
 
   Returns:
     A :class:`TrainStep`: ``state, value = step(state, *args)`` with
@@ -263,4 +299,5 @@ def train_step(
     >>> int(state.step)
     1
   """
-  return TrainStep(loss_fn, has_aux=has_aux, dispatch=dispatch, donate=donate)
+  return TrainStep(loss_fn, has_aux=has_aux, dispatch=dispatch, donate=donate,
+                   axis_name=axis_name)
