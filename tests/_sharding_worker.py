@@ -44,7 +44,7 @@ def make_optimizer(drift):
 
 
 def sharded_state(mesh, tx):
-  """The recipe of docs/multi_device.md: shard params, init eagerly, replicate the rest."""
+  """The recipe of docs/guides/multi_device.md: shard params, init eagerly, replicate the rest."""
   params = jax.device_put(mlp_params(), jax.tree.map(
       lambda leaf: NamedSharding(mesh, param_spec(leaf)), mlp_params()))
   opt_state = tx.init(params)  # zeros_like keeps each parameter's sharding.

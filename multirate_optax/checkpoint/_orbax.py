@@ -77,7 +77,7 @@ def restore(
     directory: the directory or ``CheckpointManager`` given to :func:`save`.
     target: a training state with the structure of the saved one, built the
       same way (same optimizer, period and labels): concrete arrays, or
-      ``jax.ShapeDtypeStruct``s. The restored arrays get the target leaves'
+      ``jax.ShapeDtypeStruct`` leaves. The restored arrays get the target leaves'
       dtypes and shardings, so a target sharded over a mesh restores sharded.
     step: the step to restore; default the latest.
     timetable_from: as in :func:`save`, for a target that does not keep the

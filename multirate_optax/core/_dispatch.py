@@ -236,7 +236,7 @@ class HostCount:
             "dispatch, decorate it with multirate_optax.nnx.jit. Under "
             "jax.pmap, also pass axis_name= to the train step to average the "
             "gradients; or, with either dispatch, drop pmap and shard the "
-            "batch over a jax.sharding.Mesh (docs/multi_device.md).")
+            "batch over a jax.sharding.Mesh (docs/guides/multi_device.md).")
       # Exact types: every optax state is a NamedTuple, a tuple subclass.
       refused = [t for t in located.enclosing
                  if t not in _ADVANCES_ONCE_PER_UPDATE]

@@ -47,7 +47,7 @@ def _check_averaged(axis_name: AxisName) -> None:
         "(jax.pmap(..., axis_name='batch')) and build the step with "
         "axis_name='batch' to average the gradients over it; or drop pmap "
         "and shard the batch over a jax.sharding.Mesh, where jax.jit "
-        "averages for you (docs/multi_device.md). axis_name=() trains each "
+        "averages for you (docs/guides/multi_device.md). axis_name=() trains each "
         "member on its own gradient, on purpose.")
 
 
@@ -193,7 +193,7 @@ class TrainStep:
     """The lowered program run for these arguments, to inspect or compile.
 
     Args:
-      params, opt_state, *args: as for a call (shapes and dtypes matter).
+      params, opt_state, args: as for a call (shapes and dtypes matter).
       phase: with ``'host'`` dispatch, the phase whose program to return;
         ``None`` returns the single ``lax.switch`` program of ``'cond'``.
     """

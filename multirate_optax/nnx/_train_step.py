@@ -278,7 +278,7 @@ class TrainStep:
     """The lowered program run for these arguments, to inspect or compile.
 
     Args:
-      model, optimizer, *args: as for a call.
+      model, optimizer, args: as for a call (and the other arguments).
       phase: the phase whose ``'host'`` program to return; ``None`` returns
         the single ``lax.switch`` program of ``'cond'``.
     """

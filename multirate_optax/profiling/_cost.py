@@ -37,7 +37,7 @@ def estimate_saving(step: TrainStep, params: PyTree, opt_state: PyTree, *args,
 
   Args:
     step: the train step.
-    params, opt_state, *args: as for a call of ``step`` (only shapes and
+    params, opt_state, args: as for a call of ``step`` (only shapes and
       dtypes matter).
     total_steps: the length of the run; by default the timetable's own
       ``total_steps`` (a :class:`FreezeOutTimetable` has one).

@@ -615,12 +615,13 @@ class TestArtefact:
       checkpoint.save_transfer(tmp_path / "bad", {}, [LAYERS[1]])
 
 
-def test_readme_example_runs():
-  readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-  code = re.search(r"## Budgeted transfer \(SWR/TAPS\)\n.*?```python\n(.*?)```",
-                   readme, re.S).group(1)
+def test_method_page_example_runs():
+  page = (Path(__file__).resolve().parents[2] / "docs" / "methods"
+          / "budgeted.md").read_text()
+  code = re.search(r"# Budgeted transfer \(SWR/TAPS\)\n.*?```python\n(.*?)```",
+                   page, re.S).group(1)
   namespace: dict = {}
-  exec(compile(code, "README.md", "exec"), namespace)
+  exec(compile(code, "docs/methods/budgeted.md", "exec"), namespace)
   assert namespace["selection"] == ("head/kernel",)  # body (16) exceeds 10.
   merged = budgeted.merge(namespace["base"], namespace["state"]["deltas"],
                           namespace["selection"])
