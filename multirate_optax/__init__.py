@@ -10,7 +10,8 @@ this package imports neither Flax nor Equinox.
 import importlib
 from typing import Any
 
-from multirate_optax import budgeted, core, growth, profiling, timetables
+from multirate_optax import (
+    budgeted, core, growth, profiling, timetables, transforms)
 from multirate_optax.core import (
     fast_by_depth, fast_by_path, find_timetable_state, GateState,
     groups_by_path, path_str,
@@ -20,6 +21,8 @@ from multirate_optax.growth import (
     growth_plan, GrowthPlan, Layer, scale_by_stage_norms, stage_norm_factors)
 from multirate_optax.profiling import (
     CostEstimate, estimate_saving)
+from multirate_optax.transforms import (
+    depths_by_module, depths_by_path, layerwise_decay)
 from multirate_optax.timetables import (
     freezeout, FreezeOutTimetable, full_weights, gradual_unfreezing,
     in_slow_steps, keep_frozen, layers_by_module, multirate,
@@ -36,7 +39,10 @@ __all__ = (
     "growth",
     "profiling",
     "timetables",
+    "transforms",
     "CostEstimate",
+    "depths_by_module",
+    "depths_by_path",
     "describe_widths",
     "element_stages",
     "estimate_saving",
@@ -58,6 +64,7 @@ __all__ = (
     "keep_frozen",
     "Layer",
     "layers_by_module",
+    "layerwise_decay",
     "multirate",
     "MultirateTimetable",
     "path_str",

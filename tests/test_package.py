@@ -88,6 +88,7 @@ def test_the_installed_package_is_the_library_only():
 LAYERS = {
     "core": set(),
     "timetables": {"core"},
+    "transforms": {"core"},
     "growth": {"core"},
     "budgeted": {"core"},
     "profiling": {"core"},

@@ -46,7 +46,9 @@ def leaf_paths(tree: PyTree) -> list[str]:
   return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def _structure_mismatch(label_tree: PyTree, params: PyTree) -> str:
+def structure_mismatch(label_tree: PyTree, params: PyTree,
+                       kind: str = "labels", values: str = "group names") -> str:
+  """What does not fit between ``label_tree`` (of ``values``) and ``params``."""
   label_paths = leaf_paths(label_tree)
   param_paths = leaf_paths(params)
 
@@ -59,17 +61,17 @@ def _structure_mismatch(label_tree: PyTree, params: PyTree) -> str:
   unknown = [
       lp for lp in label_paths
       if not any(p == lp or p.startswith(lp + "/") for p in param_paths)]
-  lines = ["labels do not match the structure of the parameters "
-           "(expected a pytree of group names with the parameters' structure "
+  lines = [f"{kind} do not match the structure of the parameters "
+           f"(expected a pytree of {values} with the parameters' structure "
            "or a prefix of it)."]
   if unlabelled:
-    lines.append(f"  parameters without a label: {unlabelled[:5]}"
+    lines.append(f"  parameters without a {kind[:-1]}: {unlabelled[:5]}"
                  + (" ..." if len(unlabelled) > 5 else ""))
   if unknown:
-    lines.append(f"  labels for paths the parameters do not have: {unknown[:5]}"
+    lines.append(f"  {kind} for paths the parameters do not have: {unknown[:5]}"
                  + (" ..." if len(unknown) > 5 else ""))
   if not unlabelled and not unknown:
-    lines.append(f"  labels: {jax.tree.structure(label_tree)}\n"
+    lines.append(f"  {kind}: {jax.tree.structure(label_tree)}\n"
                  f"  params: {jax.tree.structure(params)}")
   return "\n".join(lines)
 
@@ -97,10 +99,10 @@ def resolve_labels(
   try:
     per_leaf = jax.tree.broadcast(label_tree, params)
   except (ValueError, TypeError) as e:
-    raise ValueError(_structure_mismatch(label_tree, params)) from e
+    raise ValueError(structure_mismatch(label_tree, params)) from e
   names = tuple(jax.tree.leaves(per_leaf))
   if len(names) != len(jax.tree.leaves(params)):
-    raise ValueError(_structure_mismatch(label_tree, params))
+    raise ValueError(structure_mismatch(label_tree, params))
   allowed = sorted(groups)
   for path, name in zip(leaf_paths(params), names):
     if name not in groups:
