@@ -1,4 +1,4 @@
-"""The same MLP under each train step: core, Linen and NNX, behind one face.
+"""The same MLP under each train step: core, Linen, NNX and Equinox, behind one face.
 
 A harness holds one model, its multirate optimizer and a train step, and
 exposes what the behaviour battery (tests/test_steps.py) needs: run a step,
@@ -9,6 +9,7 @@ the step itself) inside the user's own jit.
 
 from __future__ import annotations
 
+import equinox as eqx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ from _models import SIZES, mlp_loss, mlp_params
 
 H, MU = 0.2, 0.9
 NAMES = ("layer0", "layer1", "head")
-FLAVOURS = ("core", "linen", "nnx")
+FLAVOURS = ("core", "linen", "nnx", "equinox")
 
 
 def multirate_sgd_tx(period: int, drift: bool, labels) -> optax.GradientTransformation:
@@ -197,7 +198,87 @@ class NNXHarness:
     nnx.update(self.optimizer, snapshot[1])
 
 
-HARNESSES = {"core": CoreHarness, "linen": LinenHarness, "nnx": NNXHarness}
+class EquinoxDense(eqx.Module):
+  """A dense layer as in tests/_models.py, with a static field."""
+
+  w: jax.Array
+  b: jax.Array
+  activation: object  # A function: static for the step, not a parameter.
+
+  def __call__(self, x):
+    return self.activation(x @ self.w + self.b)
+
+
+class EquinoxMLP(eqx.Module):
+  """The MLP of tests/_models.py as an eqx.Module, functions among its leaves."""
+
+  layer0: EquinoxDense
+  layer1: EquinoxDense
+  head: EquinoxDense
+
+  def __init__(self, params):
+    for name in NAMES:
+      activation = (lambda x: x) if name == "head" else jnp.tanh
+      setattr(self, name, EquinoxDense(params[name]["w"], params[name]["b"],
+                                       activation))
+
+  def __call__(self, x):
+    return self.head(self.layer1(self.layer0(x)))
+
+
+def equinox_loss(model, batch):
+  x, y = batch
+  return cross_entropy(model(x), y)
+
+
+class EquinoxHarness:
+  """``mo.equinox.train_step`` on the whole ``eqx.Module``."""
+
+  def __init__(self, period, *, drift=False, dispatch="auto", donate=False,
+               wrap=lambda tx: tx):
+    self.tx = wrap(multirate_sgd_tx(
+        period, drift, mo.equinox.fast_by_where(lambda m: m.head)))
+    self.train_step = mo.equinox.train_step(equinox_loss, self.tx,
+                                            dispatch=dispatch, donate=donate)
+    model = EquinoxMLP(mlp_params())
+    self.state = (model, self.tx.init(eqx.filter(model, eqx.is_inexact_array)))
+
+  def step(self, batch):
+    model, opt_state, loss = self.train_step(*self.state, batch)
+    self.state = (model, opt_state)
+    return loss
+
+  def step_inside_jit(self, batch, method="apply"):
+    # A new function each call, traced anew as the other harnesses' jits are.
+    step = getattr(self.train_step, method)
+    model, opt_state, loss = eqx.filter_jit(lambda *args: step(*args))(
+        *self.state, batch)
+    self.state = (model, opt_state)
+    return loss
+
+  def params(self):
+    return {name: {"w": np.array(getattr(self.state[0], name).w),
+                   "b": np.array(getattr(self.state[0], name).b)}
+            for name in NAMES}
+
+  def count(self):
+    return int(mo.find_timetable_state(self.state[1]).count)
+
+  def program(self, batch, phase=None):
+    return self.train_step.program(*self.state, batch, phase=phase)
+
+  def snapshot(self, copy=True):
+    if not copy:
+      return self.state
+    return jax.tree.map(lambda x: jnp.array(x) if eqx.is_array(x) else x,
+                        self.state)
+
+  def rewind(self, snapshot):
+    self.state = snapshot
+
+
+HARNESSES = {"core": CoreHarness, "linen": LinenHarness, "nnx": NNXHarness,
+             "equinox": EquinoxHarness}
 
 
 def train(harness, data):

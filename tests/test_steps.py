@@ -1,4 +1,4 @@
-"""One behaviour battery over the core, Linen and NNX train steps.
+"""One behaviour battery over the core, Linen, NNX and Equinox train steps.
 
 Each test runs for every flavour of step on the same MLP, optimizer and data
 (tests/_steps.py), against the hand-written published algorithm where it checks

@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from multirate_optax.core._groups import path_str
+
 PyTree = Any
 
 
@@ -43,6 +45,43 @@ def describe(value: Any) -> str:
   if shape is None:
     return f"a {type(value).__name__}"
   return "a scalar array" if shape == () else f"an array of shape {shape}"
+
+
+def _not_differentiable(leaf: Any) -> str | None:
+  """What ``leaf`` is if ``jax.grad`` cannot differentiate it, else ``None``."""
+  if isinstance(leaf, float):
+    return None
+  dtype = getattr(leaf, "dtype", None)
+  if dtype is None:
+    return f"a {type(leaf).__name__}"
+  if jnp.issubdtype(dtype, jnp.inexact):
+    return None
+  return f"an array of dtype {dtype}"
+
+
+def check_differentiable(params: PyTree) -> None:
+  """Raises a TypeError naming the leaves of ``params`` that are not floats.
+
+  ``jax.grad`` refuses them ("grad requires real- or complex-valued
+  inputs"), and ``jax.jit`` refuses leaves that are no arrays at all; both
+  say neither which leaf nor what to do. Whole Equinox models are the usual
+  cause: their functions, ints and flags are leaves too.
+  """
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  found = [(path, what) for path, leaf in flat
+           if (what := _not_differentiable(leaf)) is not None]
+  if not found:
+    return
+  listed = ", ".join(f"{path_str(path)!r} ({what})" for path, what in found[:6])
+  raise TypeError(
+      f"the parameters have {len(found)} of {len(flat)} leaves that are not "
+      f"floating-point arrays, which cannot be differentiated: {listed}"
+      + (", ..." if len(found) > 6 else "") + ". Pass only the arrays to "
+      "train: for an Equinox model, use multirate_optax.equinox.train_step, "
+      "which takes the whole model, or split it with params, static = "
+      "eqx.partition(model, eqx.is_inexact_array) and rebuild it in the loss "
+      "with eqx.combine(params, static); otherwise pass the other leaves as "
+      "arguments after the optimizer state, or close over them in loss_fn.")
 
 
 def checked_loss(loss_fn: Callable[..., Any], has_aux: bool):
@@ -99,6 +138,7 @@ def value_and_active_grad(
   loss = checked_loss(loss_fn, has_aux)
 
   def value_and_restricted_grad(params, *args):
+    check_differentiable(params)
     leaves, treedef = jax.tree.flatten(params)
     if len(leaves) != len(active):
       raise ValueError(

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Optional, Union
 
 import jax
@@ -14,7 +15,8 @@ import optax
 
 from multirate_optax.core._dispatch import (
     Dispatch, PhaseDispatch, tracing_host_program)
-from multirate_optax.core._gradients import check_loss_signature, value_and_active_grad
+from multirate_optax.core._gradients import (
+    check_differentiable, check_loss_signature, value_and_active_grad)
 from multirate_optax.core._timetable import (
     Timetable, TimetableState, find_timetable_state)
 
@@ -197,10 +199,29 @@ class TrainStep:
       phase: with ``'host'`` dispatch, the phase whose program to return;
         ``None`` returns the single ``lax.switch`` program of ``'cond'``.
     """
-    return self._dispatch.program(params, opt_state, *args, phase=phase)
+    with _naming_leaves_jit_refuses(params):
+      return self._dispatch.program(params, opt_state, *args, phase=phase)
 
   def __call__(self, params: PyTree, opt_state: PyTree, *args):
-    return self._dispatch(params, opt_state, *args)
+    with _naming_leaves_jit_refuses(params):
+      return self._dispatch(params, opt_state, *args)
+
+
+@contextlib.contextmanager
+def _naming_leaves_jit_refuses(params: PyTree) -> Iterator[None]:
+  """Turns ``jax.jit``'s refusal of a leaf that is no array into a clear error.
+
+  Float-less arrays are refused while the step is traced
+  (:func:`check_differentiable` in the restricted gradient); a function or
+  other object among the parameters stops ``jax.jit`` before that, with a
+  message that names neither the leaf nor the fix. Checked only on failure,
+  so a step costs nothing more.
+  """
+  try:
+    yield
+  except TypeError as e:
+    check_differentiable(params)
+    raise e
 
 
 def train_step(

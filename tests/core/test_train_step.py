@@ -272,3 +272,24 @@ class TestBadInput:
   def test_not_callable(self):
     with pytest.raises(TypeError, match="loss_fn must be callable"):
       mo.train_step(None, self.tx)
+
+  @pytest.mark.parametrize("dispatch", ["cond", "host"])
+  def test_parameters_that_are_not_floats(self, dispatch):
+    # What a whole Equinox model brings: a function and an int among the
+    # arrays. jax.jit refuses the first, jax.grad the second, naming neither.
+    params = dict(self.params, activation=jnp.tanh,
+                  steps=jnp.zeros((), jnp.int32))
+    tx = mo.multirate(optax.sgd(0.1), labels=mo.fast_by_path("^head/"),
+                      period=2)
+    state = tx.init({k: v for k, v in params.items() if k != "activation"})
+    step = mo.train_step(lambda p, b: mlp_loss(p, b), tx, dispatch=dispatch)
+    with pytest.raises(TypeError, match=(
+        r"2 of 8 leaves that are not floating-point arrays.*'activation' "
+        r"\(a PjitFunction\), 'steps' \(an array of dtype int32\).*"
+        r"multirate_optax.equinox.train_step.*eqx.partition")):
+      step(params, state, batches(1)[0])
+    # Ints alone pass jax.jit: the step refuses them while it is traced.
+    del params["activation"]
+    with pytest.raises(TypeError, match=r"1 of 7 leaves.*'steps' \(an array "
+                       r"of dtype int32\)"):
+      step(params, state, batches(1)[0])
