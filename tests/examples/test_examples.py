@@ -54,3 +54,26 @@ def test_example_runs_a_few_steps(example):
   else:
     assert int(trained.step) == steps
   assert seconds > 0 and 0.0 <= accuracy <= 1.0
+
+
+def test_equinox_conversion_changes_at_most_eight_lines():
+  diff = difflib.unified_diff(
+      code_lines(EXAMPLES / "mnist_equinox.py"),
+      code_lines(EXAMPLES / "mnist_equinox_multirate.py"), lineterm="", n=0)
+  changed = [line for line in diff
+             if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+  assert 0 < len(changed) <= 8, "\n".join(changed)
+
+
+@pytest.mark.parametrize("example", ["mnist_equinox", "mnist_equinox_multirate"])
+def test_equinox_example_runs_a_few_steps(example):
+  import jax
+  module = load_example(example)
+  trainloader, testloader = module.get_loaders(batch_size=16, train_size=96)
+  model = module.CNN(jax.random.key(0))
+  trained, seconds, accuracy = module.train(
+      model, trainloader, testloader, module.optim, steps=6, print_every=5)
+  assert seconds > 0 and 0.0 <= accuracy <= 1.0
+  # The head moved on every step, so the trained model differs.
+  head = lambda m: m.layers[-2].weight
+  assert not np.array_equal(head(trained), head(model))
