@@ -90,7 +90,7 @@ LAYERS = {
     "timetables": {"core"},
     "growth": {"core"},
     "budgeted": {"core"},
-    "profiling": {"core"},
+    "profiling": {"core", "timetables"},
     "linen": {"core"},
     "nnx": {"core"},
     "checkpoint": {"core", "budgeted"},
