@@ -107,6 +107,8 @@ def measure_speedup(loss_fn, params, batch, optimizer, period: int,
   leaf), so the two differ only in the period.
   """
 
+  steps = cycles * period  # per block, for both runners
+
   def runner(period):
     tx = mo.multirate(optimizer, labels=mo.fast_by_path(CLASSIFIER),
                       period=period)
@@ -117,15 +119,14 @@ def measure_speedup(loss_fn, params, batch, optimizer, period: int,
     def block() -> float:
       jax.block_until_ready(state)
       start = time.perf_counter()
-      for _ in range(cycles * steps):
+      for _ in range(steps):
         state[0], state[1], loss = step(state[0], state[1], batch)
       jax.block_until_ready(loss)
-      return (time.perf_counter() - start) / (cycles * steps)
+      return (time.perf_counter() - start) / steps
 
     return block
 
   runners = {"multirate": runner(period), "full": runner(1)}
-  steps = period
   times = {name: [] for name in runners}
   for block in runners.values():
     block()  # compiles and warms up every phase

@@ -443,44 +443,7 @@ def print_row(r: dict) -> None:
         f"{r['page_faults_per_step']:>7.0f} {memory}", flush=True)
 
 
-STEPS_def bench_bounds(name: str, batch_size: int, repeats: int,
-                 dispatches: tuple[str, ...]) -> list[dict]:
-  """Each program's time against its lower bound, from the profiler."""
-  module, params, batch = make_problem(name, batch_size)
-  profile = mo.profile_splits(
-      make_loss(module), params, batch, {"head": "^head/"},
-      optimizer=optax.sgd(LEARNING_RATE, momentum=MOMENTUM), repeats=repeats,
-      dispatches=dispatches, verbose=False)
-  full, fast = profile.full, profile.splits[0].fast
-  rows = [("full", "host", full.seconds, full),
-          ("fast", "host", fast.seconds, fast)]
-  if "cond" in dispatches:
-    rows += [("full", "cond", profile.splits[0].cond_slow_seconds, full),
-             ("fast", "cond", profile.splits[0].cond_fast_seconds, fast)]
-  out = []
-  for phase, dispatch, seconds, parts in rows:
-    out.append(dict(model=name, phase=phase, dispatch=dispatch,
-                    t_ms=1e3 * seconds, grad_ms=1e3 * parts.grad_seconds,
-                    update_ms=1e3 * parts.update_seconds,
-                    bound_ms=1e3 * parts.bound_seconds,
-                    forward_ms=1e3 * profile.forward_seconds,
-                    overhead=seconds / parts.bound_seconds - 1))
-    print_bound(out[-1])
-  return out
-
-
-BOUNDS_HEADER = (f"{'model':<12} {'phase':<5} {'dispatch':<8} {'t ms':>9} "
-                 f"{'grad ms':>9} {'update ms':>9} {'bound ms':>9} "
-                 f"{'overhead':>8} {'fwd ms':>8}")
-
-
-def print_bound(r: dict) -> None:
-  print(f"{r['model']:<12} {r['phase']:<5} {r['dispatch']:<8} {r['t_ms']:>9.2f} "
-        f"{r['grad_ms']:>9.2f} {r['update_ms']:>9.2f} {r['bound_ms']:>9.2f} "
-        f"{r['overhead']:>+8.1%} {r['forward_ms']:>8.2f}", flush=True)
-
-
-HEADER = (f"{'model':<12} {'step':<6} {'dispatch':<8} {'k':>3} "
+STEPS_HEADER = (f"{'model':<12} {'step':<6} {'dispatch':<8} {'k':>3} "
                 f"{'t_step ms':>10} {'core ms':>10} {'vs core':>8}")
 
 
@@ -537,7 +500,7 @@ def main(argv=None) -> list[dict]:
     print(BOUNDS_HEADER)
     for name in args.models:
       bounds += bench_bounds(name, args.batch_size,
-                             15 if args.quick else 31, tuple(args.dispatch))
+                             7 if args.quick else 15, tuple(args.dispatch))
   rows, steps = [], []
   if not args.bounds_only:
     print(HEADER)
