@@ -25,6 +25,13 @@ compiled program (arguments + outputs - donated reuse + temporaries): the one
 and NNX train steps run on the same model beside the core one (``'auto'``
 dispatch), as a ratio of their time per step to the core step's.
 
+The lower bound of each program (``--bounds``, by default on): the forward pass
+with the backward pass of the phase's active leaves, and the optimizer update
+of those leaves, each compiled alone (:func:`multirate_optax.profile_splits`);
+the overhead is a program's time over that sum, minus 1, for the full phase
+and for the fast phase with ``'host'`` dispatch and inside the ``lax.switch``
+program (``'cond'``).
+
 Run from the repository root::
 
   python -m benchmarks.step_speed --quick --json results/step_speed.json
@@ -385,6 +392,43 @@ def bench_model(name: str, batch_size: int, repeats: int, cycles: int,
   return rows, steps
 
 
+def bench_bounds(name: str, batch_size: int, repeats: int,
+                 dispatches: tuple[str, ...]) -> list[dict]:
+  """Each program's time against its lower bound, from the profiler."""
+  module, params, batch = make_problem(name, batch_size)
+  profile = mo.profile_splits(
+      make_loss(module), params, batch, {"head": "^head/"},
+      optimizer=optax.sgd(LEARNING_RATE, momentum=MOMENTUM), repeats=repeats,
+      dispatches=dispatches, verbose=False)
+  full, fast = profile.full, profile.splits[0].fast
+  rows = [("full", "host", full.seconds, full),
+          ("fast", "host", fast.seconds, fast)]
+  if "cond" in dispatches:
+    rows += [("full", "cond", profile.splits[0].cond_slow_seconds, full),
+             ("fast", "cond", profile.splits[0].cond_fast_seconds, fast)]
+  out = []
+  for phase, dispatch, seconds, parts in rows:
+    out.append(dict(model=name, phase=phase, dispatch=dispatch,
+                    t_ms=1e3 * seconds, grad_ms=1e3 * parts.grad_seconds,
+                    update_ms=1e3 * parts.update_seconds,
+                    bound_ms=1e3 * parts.bound_seconds,
+                    forward_ms=1e3 * profile.forward_seconds,
+                    overhead=seconds / parts.bound_seconds - 1))
+    print_bound(out[-1])
+  return out
+
+
+BOUNDS_HEADER = (f"{'model':<12} {'phase':<5} {'dispatch':<8} {'t ms':>9} "
+                 f"{'grad ms':>9} {'update ms':>9} {'bound ms':>9} "
+                 f"{'overhead':>8} {'fwd ms':>8}")
+
+
+def print_bound(r: dict) -> None:
+  print(f"{r['model']:<12} {r['phase']:<5} {r['dispatch']:<8} {r['t_ms']:>9.2f} "
+        f"{r['grad_ms']:>9.2f} {r['update_ms']:>9.2f} {r['bound_ms']:>9.2f} "
+        f"{r['overhead']:>+8.1%} {r['forward_ms']:>8.2f}", flush=True)
+
+
 HEADER = (f"{'model':<12} {'dispatch':<8} {'k':>3} {'t_full ms':>10} "
           f"{'t_fast ms':>10} {'t_step ms':>10} {'speedup':>8} {'ideal':>6} "
           f"{'eff.':>6} {'faults':>7} {'peak MiB':>9} {'/phase 0':>8}")
@@ -429,6 +473,11 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                       help="time per step in wall-clock time, or in CPU time "
                       "of this process (steadier on a shared CPU)")
+  parser.add_argument("--bounds", action=argparse.BooleanOptionalAction,
+                      default=True,
+                      help="each program's time against its lower bound")
+  parser.add_argument("--bounds-only", action="store_true",
+                      help="only the lower bounds (no multirate rows)")
   args = parser.parse_args(argv)
   global CLOCK
   CLOCK = args.clock
@@ -446,9 +495,16 @@ def main(argv=None) -> list[dict]:
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
         f"allocator: LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r} "
         f"MALLOC_CONF={os.environ.get('MALLOC_CONF', '')!r}")
-  print(HEADER)
+  bounds = []
+  if args.bounds or args.bounds_only:
+    print(BOUNDS_HEADER)
+    for name in args.models:
+      bounds += bench_bounds(name, args.batch_size,
+                             7 if args.quick else 15, tuple(args.dispatch))
   rows, steps = [], []
-  for name in args.models:
+  if not args.bounds_only:
+    print(HEADER)
+  for name in args.models if not args.bounds_only else ():
     model_rows, model_steps = bench_model(
         name, args.batch_size, repeats, cycles, tuple(args.dispatch),
         tuple(args.periods), tuple(cond_periods), cond_repeats,
@@ -467,7 +523,7 @@ def main(argv=None) -> list[dict]:
                   xla_flags=os.environ.get("XLA_FLAGS", ""),
                   ld_preload=os.environ.get("LD_PRELOAD", ""),
                   malloc_conf=os.environ.get("MALLOC_CONF", ""),
-                  steps=steps),
+                  steps=steps, bounds=bounds),
              args.json)
   return rows
 

@@ -20,7 +20,8 @@ from multirate_optax.growth import (
     describe_widths, element_stages, grow, grow_optimizer_state, Growth,
     growth_plan, GrowthPlan, Layer, scale_by_stage_norms, stage_norm_factors)
 from multirate_optax.profiling import (
-    CostEstimate, estimate_saving)
+    CostEstimate, estimate_saving, predicted_speedup, profile_splits,
+    SplitsProfile)
 from multirate_optax.transforms import (
     depths_by_module, depths_by_path, layerwise_decay)
 from multirate_optax.timetables import (
@@ -68,12 +69,15 @@ __all__ = (
     "multirate",
     "MultirateTimetable",
     "path_str",
+    "predicted_speedup",
+    "profile_splits",
     "random_subgroups",
     "random_subgroups_state",
     "RandomSubgroupsState",
     "RandomSubgroupsTimetable",
     "resolve_dispatch",
     "scale_by_stage_norms",
+    "SplitsProfile",
     "stage_norm_factors",
     "Timetable",
     "TimetableState",

@@ -91,7 +91,7 @@ LAYERS = {
     "transforms": {"core"},
     "growth": {"core"},
     "budgeted": {"core"},
-    "profiling": {"core"},
+    "profiling": {"core", "timetables"},
     "linen": {"core"},
     "nnx": {"core"},
     "equinox": {"core"},

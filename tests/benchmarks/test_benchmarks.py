@@ -21,6 +21,13 @@ def test_step_speed_writes_its_table_as_json(tmp_path, capsys):
                    "--dispatch", "host", "cond", "--cond-periods", "3",
                    "--batch-size", "2", "--json", str(out)])
   report = json.loads(out.read_text())
+  # Each program against its lower bound (grad alone + update alone).
+  assert [(b["model"], b["phase"], b["dispatch"]) for b in report["bounds"]
+          ] == [("transformer", phase, dispatch)
+                for dispatch in ("host", "cond") for phase in ("full", "fast")]
+  for b in report["bounds"]:
+    assert b["bound_ms"] == pytest.approx(b["grad_ms"] + b["update_ms"])
+    assert b["overhead"] == pytest.approx(b["t_ms"] / b["bound_ms"] - 1)
   rows = report["rows"]
   assert [(r["model"], r["dispatch"], r["k"]) for r in rows] == [
       ("transformer", "host", 3), ("transformer", "cond", 3)]
