@@ -18,7 +18,7 @@ from benchmarks.flax_examples import load_example
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 # Lines added or removed by the conversion, blank lines and the module
 # docstring (which describes the conversion) left out.
-MOST_CHANGED = {"linen": 12, "nnx": 9}
+MOST_CHANGED = {"linen": 12, "nnx": 9, "equinox": 8}
 
 
 def code_lines(path: Path) -> list[str]:
@@ -29,7 +29,7 @@ def code_lines(path: Path) -> list[str]:
   return [line for line in lines if line.strip()]
 
 
-@pytest.mark.parametrize("example", ["linen", "nnx"])
+@pytest.mark.parametrize("example", ["linen", "nnx", "equinox"])
 def test_conversion_changes_a_handful_of_lines(example):
   diff = difflib.unified_diff(
       code_lines(EXAMPLES / f"mnist_{example}.py"),
@@ -56,24 +56,16 @@ def test_example_runs_a_few_steps(example):
   assert seconds > 0 and 0.0 <= accuracy <= 1.0
 
 
-def test_equinox_conversion_changes_at_most_eight_lines():
-  diff = difflib.unified_diff(
-      code_lines(EXAMPLES / "mnist_equinox.py"),
-      code_lines(EXAMPLES / "mnist_equinox_multirate.py"), lineterm="", n=0)
-  changed = [line for line in diff
-             if line[:1] in "+-" and line[:3] not in ("+++", "---")]
-  assert 0 < len(changed) <= 8, "\n".join(changed)
-
-
 @pytest.mark.parametrize("example", ["mnist_equinox", "mnist_equinox_multirate"])
 def test_equinox_example_runs_a_few_steps(example):
-  import jax
   module = load_example(example)
   trainloader, testloader = module.get_loaders(batch_size=16, train_size=96)
-  model = module.CNN(jax.random.key(0))
+  model = module.CNN(module.jax.random.key(module.SEED))
   trained, seconds, accuracy = module.train(
-      model, trainloader, testloader, module.optim, steps=6, print_every=5)
+      model, trainloader, testloader, module.optim, steps=7, print_every=5)
+  # Every layer moved: the head on every step, the rest on slow steps.
+  for before, after in zip(module.jax.tree.leaves(model),
+                           module.jax.tree.leaves(trained)):
+    if hasattr(before, "dtype"):
+      assert not np.array_equal(before, after)
   assert seconds > 0 and 0.0 <= accuracy <= 1.0
-  # The head moved on every step, so the trained model differs.
-  head = lambda m: m.layers[-2].weight
-  assert not np.array_equal(head(trained), head(model))
