@@ -161,19 +161,25 @@ def layers_by_module(params: Mapping[str, Any]) -> dict[str, int]:
   return {name: index for index, name in enumerate(params)}
 
 
-def _resolve_layers(layers: Labels, tree: PyTree, num_layers: int,
-                    what: str) -> tuple[int, ...]:
-  """The layer index of every leaf of ``tree``."""
+def _covering(layers: Labels, tree: PyTree, what: str) -> PyTree:
+  """``layers`` for ``tree``: a ``{module: label}`` mapping covers any tree of
+  some of those modules, e.g. the batch statistics, which only normalising
+  modules have."""
   label_tree = layers(tree) if callable(layers) else layers
   if isinstance(label_tree, Mapping) and isinstance(tree, Mapping):
-    # A {module: layer} mapping covers any tree of some of those modules,
-    # e.g. the batch statistics, which only normalising modules have.
     missing = [name for name in tree if name not in label_tree]
     if missing:
       raise ValueError(
           f"{what} has top-level entries {missing} that layers does not "
-          f"number; layers has {list(label_tree)}.")
+          f"label; layers has {list(label_tree)}.")
     label_tree = {name: label_tree[name] for name in tree}
+  return label_tree
+
+
+def _resolve_layers(layers: Labels, tree: PyTree, num_layers: int,
+                    what: str) -> tuple[int, ...]:
+  """The layer index of every leaf of ``tree``."""
+  label_tree = _covering(layers, tree, what)
   try:  # The quick check of keep_frozen's every call ...
     per_leaf = jax.tree.leaves(jax.tree.broadcast(label_tree, tree))
   except (ValueError, TypeError):
@@ -354,12 +360,4 @@ def _resolve_groups(groups: Labels, tree: PyTree,
                     names: frozenset[str]) -> tuple[str, ...]:
   """The group of every leaf of ``tree``; a ``{module: group}`` mapping may
   name more modules than ``tree`` has (batch statistics are in a few)."""
-  label_tree = groups(tree) if callable(groups) else groups
-  if isinstance(label_tree, Mapping) and isinstance(tree, Mapping):
-    missing = [name for name in tree if name not in label_tree]
-    if missing:
-      raise ValueError(
-          f"new has top-level entries {missing} that layers does not "
-          f"label; layers has {list(label_tree)}.")
-    label_tree = {name: label_tree[name] for name in tree}
-  return resolve_labels(label_tree, tree, names)
+  return resolve_labels(_covering(groups, tree, "new"), tree, names)
