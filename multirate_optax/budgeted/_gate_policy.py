@@ -28,7 +28,19 @@ from multirate_optax.budgeted._reparametrized import leaves_by_path, unknown_lay
 PyTree = Any
 
 FEATURE_NAMES = ("log_size", "size_share", "depth", "change")
-"""The columns of :func:`layer_features`, in order."""
+"""The columns of :func:`layer_features`, in order.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from multirate_optax import budgeted
+  >>> params = {'body': {'kernel': jnp.ones((2, 2))}, 'head': {'kernel': jnp.ones((2, 1))}}
+  >>> layers = budgeted.candidate_layers(params)
+  >>> features = budgeted.layer_features(
+  ...     params, budgeted.init_deltas(params, layers), layers)
+  >>> {name: round(float(value), 3)  # the head's row
+  ...  for name, value in zip(budgeted.FEATURE_NAMES, features[1])}
+  {'log_size': 0.683, 'size_share': 0.333, 'depth': 1.0, 'change': 0.0}
+"""
 
 
 def layer_features(params: PyTree, deltas: Mapping[str, jax.Array],

@@ -37,7 +37,24 @@ FROZEN = "frozen"
 
 @dataclasses.dataclass(frozen=True)
 class TransferTimetable(Timetable):
-  """One phase for ever: the ``'trained'`` group active, ``'frozen'`` never."""
+  """One phase for ever: the ``'trained'`` group active, ``'frozen'`` never.
+
+  The timetable of :func:`transfer`, whose labels put the selected layers'
+  changes (and ``also_train``'s leaves) in ``'trained'``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> import multirate_optax as mo
+    >>> from multirate_optax import budgeted
+    >>> base = {'body': {'kernel': jnp.ones((2, 2))}, 'head': {'kernel': jnp.ones((2, 1))}}
+    >>> deltas = budgeted.init_deltas(base, budgeted.candidate_layers(base))
+    >>> tx = budgeted.transfer(['head/kernel'], optax.sgd(0.1), deltas)
+    >>> state = mo.find_timetable_state(tx.init({'deltas': deltas}))
+    >>> state.timetable, state.timetable.phase(1000)
+    (TransferTimetable(), 0)
+    >>> state.labels, state.active(0)  # body/kernel, head/kernel
+    (('frozen', 'trained'), (False, True))
+  """
 
   @property
   def phases(self) -> tuple[frozenset[str], ...]:

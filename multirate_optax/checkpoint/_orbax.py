@@ -52,6 +52,32 @@ def save(
   Returns:
     Whether a checkpoint was written (``False`` only when a manager's options
     skip ``step``).
+
+  Example:
+    Saved in the middle of a cycle (step 3 of ``period=4``), restored into a
+    freshly built state, the run resumes where it stopped:
+
+    >>> import tempfile
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import multirate_optax as mo
+    >>> from multirate_optax import checkpoint
+    >>> params = {'body': jnp.ones(3), 'head': jnp.ones(2)}
+    >>> tx = mo.multirate(optax.sgd(0.1), labels={'body': 'slow', 'head': 'fast'},
+    ...                   period=4)
+    >>> step = mo.train_step(lambda p: jnp.sum(p['body']) + jnp.sum(p['head']), tx)
+    >>> opt_state = tx.init(params)
+    >>> for _ in range(3):
+    ...   params, opt_state, loss = step(params, opt_state)
+    >>> fresh = {'params': jax.tree.map(jnp.zeros_like, params),
+    ...          'opt_state': tx.init(params)}
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...   written = checkpoint.save(directory, 3, {'params': params,
+    ...                                            'opt_state': opt_state})
+    ...   restored = checkpoint.restore(directory, fresh)
+    >>> written, int(restored['opt_state'].count)
+    (True, 3)
+    >>> bool(jnp.array_equal(restored['params']['head'], params['head']))
+    True
   """
   metadata = _timetable_metadata(state, timetable_from)
   args = ocp.args.Composite(**{
@@ -91,6 +117,31 @@ def restore(
     ValueError: if the checkpoint was written for another timetable (e.g.
       another period) or with other labels than ``target``'s, or without the
       multirate metadata.
+
+  Example:
+    A target built with the run's optimizer restores; one built with another
+    period is refused:
+
+    >>> import tempfile
+    >>> import jax.numpy as jnp, optax
+    >>> import multirate_optax as mo
+    >>> from multirate_optax import checkpoint
+    >>> params = {'body': jnp.ones(3), 'head': jnp.ones(2)}
+    >>> labels = {'body': 'slow', 'head': 'fast'}
+    >>> def state(period):
+    ...   tx = mo.multirate(optax.sgd(0.1), labels=labels, period=period)
+    ...   return {'params': params, 'opt_state': tx.init(params)}
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...   _ = checkpoint.save(directory, 0, state(4))
+    ...   restored = checkpoint.restore(directory, state(4), step=0)
+    ...   try:
+    ...     checkpoint.restore(directory, state(2))
+    ...   except ValueError as e:
+    ...     refusal = str(e)
+    >>> restored['opt_state'].timetable
+    MultirateTimetable(period=4)
+    >>> print(refusal[refusal.index('expected'):refusal.index(' in the checkpoint')])
+    expected MultirateTimetable(period=2) (the target state's), found MultirateTimetable(period=4)
   """
   expected = _timetable_metadata(target, timetable_from)
   if isinstance(directory, ocp.CheckpointManager):
@@ -315,6 +366,24 @@ def load_transfer(path: Union[str, os.PathLike], base_params: PyTree) -> PyTree:
   Raises:
     ValueError: if ``path`` holds no transfer artefact, or a stored layer is
       not in ``base_params`` or has another shape there (naming the layer).
+
+  Example:
+    >>> import os, tempfile
+    >>> import jax.numpy as jnp
+    >>> from multirate_optax import checkpoint
+    >>> base = {'a': {'kernel': jnp.zeros((2, 2))}, 'b': {'kernel': jnp.zeros((2, 2))}}
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...   path = os.path.join(directory, 'task')
+    ...   checkpoint.save_transfer(path, {'b/kernel': jnp.ones((2, 2))}, ['b/kernel'])
+    ...   model = checkpoint.load_transfer(path, base)
+    ...   try:
+    ...     checkpoint.load_transfer(path, {**base, 'b': {'kernel': jnp.zeros((3, 2))}})
+    ...   except ValueError as e:
+    ...     refusal = str(e)
+    >>> model['a']['kernel'].tolist(), model['b']['kernel'].tolist()
+    ([[0.0, 0.0], [0.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]])
+    >>> print(refusal[refusal.index('holds'):].split(':')[0])
+    holds layer 'b/kernel' with shape (2, 2), but the base parameters have shape (3, 2) there
   """
   path = _absolute(path)
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:

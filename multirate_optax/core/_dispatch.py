@@ -75,6 +75,21 @@ def resolve_dispatch(dispatch: Dispatch, backend: Optional[str] = None) -> str:
   (jax-ml/jax#12868), so a conv net's full branch can be many times slower in
   one program with a conditional than on its own. GPU and TPU have no such
   penalty, and one program is what ``lax.scan`` and pipelining need.
+
+  Args:
+    dispatch: ``'auto'``, ``'cond'`` or ``'host'``.
+    backend: the backend to resolve ``'auto'`` for; ``None`` means
+      ``jax.default_backend()``.
+
+  Returns:
+    ``'cond'`` or ``'host'``.
+
+  Example:
+    >>> import multirate_optax as mo
+    >>> mo.resolve_dispatch('auto', backend='cpu'), mo.resolve_dispatch('auto', backend='gpu')
+    ('host', 'cond')
+    >>> mo.resolve_dispatch('cond', backend='cpu')
+    'cond'
   """
   if dispatch not in ("auto", "cond", "host"):
     raise ValueError(

@@ -25,7 +25,20 @@ SLOW = "slow"
 
 
 def path_str(path: Sequence[Any]) -> str:
-  """Joins a key path into a '/'-separated string such as ``Dense_0/kernel``."""
+  """Joins a key path into a '/'-separated string such as ``Dense_0/kernel``.
+
+  These are the strings that :func:`fast_by_path` and :func:`groups_by_path`
+  search their patterns in, and that error messages name leaves by.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import multirate_optax as mo
+    >>> params = {'Dense_0': {'kernel': jnp.ones((2, 2)), 'bias': jnp.zeros(2)},
+    ...           'blocks': [jnp.ones(1)]}
+    >>> paths, _ = zip(*jax.tree_util.tree_flatten_with_path(params)[0])
+    >>> [mo.path_str(path) for path in paths]
+    ['Dense_0/bias', 'Dense_0/kernel', 'blocks/0']
+  """
   parts = []
   for key in path:
     if isinstance(key, jax.tree_util.DictKey):

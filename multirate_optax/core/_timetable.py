@@ -25,6 +25,30 @@ class Timetable(abc.ABC):
 
   Subclasses are frozen dataclasses (hashable, compared by value), because a
   timetable is static data of the optimizer state and of compiled programs.
+
+  Example:
+    A timetable that trains the head alone for ``warmup`` steps, then every
+    group; :meth:`phase` takes a Python int (host dispatch) or a traced
+    array (``lax.switch``):
+
+    >>> import dataclasses
+    >>> import jax.numpy as jnp
+    >>> import multirate_optax as mo
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class HeadFirst(mo.Timetable):
+    ...   warmup: int
+    ...   @property
+    ...   def phases(self):
+    ...     return (frozenset({'head'}), frozenset({'head', 'body'}))
+    ...   def phase(self, step):
+    ...     if isinstance(step, int):
+    ...       return int(step >= self.warmup)
+    ...     return (step >= self.warmup).astype(jnp.int32)
+    >>> timetable = HeadFirst(warmup=2)
+    >>> [timetable.phase(t) for t in range(4)], sorted(timetable.groups)
+    ([0, 0, 1, 1], ['body', 'head'])
+    >>> timetable.phase(jnp.arange(4))
+    Array([0, 0, 1, 1], dtype=int32)
   """
 
   @property
@@ -58,6 +82,17 @@ class TimetableState:
     timetable: the timetable (static).
     labels: the group of every parameter leaf, in ``jax.tree.leaves`` order
       (static).
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> import multirate_optax as mo
+    >>> tx = mo.multirate(optax.sgd(0.1), labels={'body': 'slow', 'head': 'fast'},
+    ...                   period=3)
+    >>> state = tx.init({'body': jnp.ones(2), 'head': jnp.ones(2)})
+    >>> state.timetable, state.labels, int(state.count)
+    (MultirateTimetable(period=3), ('slow', 'fast'), 0)
+    >>> state.active(0), state.active(1)  # (body, head) in each phase
+    ((True, True), (False, True))
   """
 
   count: jax.Array

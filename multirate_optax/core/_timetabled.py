@@ -67,6 +67,28 @@ class GateState(NamedTuple):
     inner: the optimizer's state; it changes on active steps only.
     held: with ``hold=True``, the updates of the last active step, applied
       again on every inactive step; ``None`` otherwise.
+
+  Example:
+    The slow group of :func:`~multirate_optax.multirate` (with drift) is
+    gated: on a fast step its momentum stays as the slow step left it, and
+    the held update (``-0.1`` times the drift's ``1 / period``) is applied
+    again.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import multirate_optax as mo
+    >>> params = {'body': jnp.ones(2), 'head': jnp.ones(2)}
+    >>> tx = mo.multirate(optax.sgd(0.1, momentum=0.9),
+    ...                   labels={'body': 'slow', 'head': 'fast'}, period=2)
+    >>> state = tx.init(params)
+    >>> ones = jax.tree.map(jnp.ones_like, params)
+    >>> _, state = tx.update(ones, state, params)  # step 0: a slow step
+    >>> updates, state = tx.update(jax.tree.map(lambda g: 5 * g, ones),
+    ...                            state, params)  # step 1: a fast step
+    >>> gate = state.inner.inner_states['slow'].inner_state
+    >>> gate.inner[0].trace['body'], gate.held['body']
+    (Array([1., 1.], dtype=float32), Array([-0.05, -0.05], dtype=float32))
+    >>> updates['body']
+    Array([-0.05, -0.05], dtype=float32)
   """
 
   inner: optax.OptState

@@ -125,6 +125,30 @@ class TrainStep:
   Built with ``dynamic_scale=True``, it is called as ``params, opt_state,
   dynamic_scale, value = step(params, opt_state, dynamic_scale, *args)`` with
   Flax's ``flax.training.dynamic_scale.DynamicScale``: see :func:`train_step`.
+
+  Example:
+    Called step by step, and its uncompiled :meth:`apply` inside a
+    ``lax.scan`` of your own, which follow the same timetable:
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import multirate_optax as mo
+    >>> params = {'body': jnp.ones((3, 3)), 'head': jnp.ones((3, 1))}
+    >>> def loss_fn(params, x, y):
+    ...   return jnp.mean((jnp.tanh(x @ params['body']) @ params['head'] - y) ** 2)
+    >>> tx = mo.multirate(optax.sgd(0.01), labels=mo.fast_by_path('head'), period=2)
+    >>> step = mo.train_step(loss_fn, tx, dispatch='cond')
+    >>> xs, ys = jnp.ones((4, 8, 3)), jnp.zeros((4, 8, 1))
+    >>> p, s = params, tx.init(params)
+    >>> for x, y in zip(xs, ys):
+    ...   p, s, loss = step(p, s, x, y)
+    >>> def scanned(carry, batch):
+    ...   params, opt_state, loss = step.apply(*carry, *batch)
+    ...   return (params, opt_state), loss
+    >>> (q, r), losses = jax.lax.scan(scanned, (params, tx.init(params)), (xs, ys))
+    >>> step.dispatch, int(s.count), int(r.count), losses.shape
+    ('cond', 4, 4, (4,))
+    >>> bool(jnp.allclose(p['body'], q['body']) & jnp.allclose(loss, losses[-1]))
+    True
   """
 
   def __init__(

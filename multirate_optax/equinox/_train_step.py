@@ -62,6 +62,31 @@ class TrainStep:
   an equal value reuses the old one. The arguments after ``opt_state`` are
   split the same way. The phase dispatch, compilation and refusals are the
   core step's.
+
+  Example:
+    Called on its own, and its :meth:`apply` under an ``eqx.filter_jit`` of
+    your own, which follow the same timetable:
+
+    >>> import equinox as eqx, jax, jax.numpy as jnp, optax
+    >>> import multirate_optax as mo
+    >>> model = eqx.nn.MLP(3, 1, width_size=8, depth=2, key=jax.random.key(0))
+    >>> def loss_fn(model, x, y):
+    ...   return jnp.mean((jax.vmap(model)(x) - y) ** 2)
+    >>> tx = mo.multirate(optax.sgd(0.01), period=2,
+    ...                   labels=mo.equinox.fast_by_where(lambda m: m.layers[-1]))
+    >>> step = mo.equinox.train_step(loss_fn, tx, dispatch='cond')
+    >>> jitted = eqx.filter_jit(step.apply)
+    >>> a = b = model
+    >>> sa = sb = tx.init(eqx.filter(model, eqx.is_inexact_array))
+    >>> x, y = jnp.ones((8, 3)), jnp.zeros((8, 1))
+    >>> for _ in range(3):
+    ...   a, sa, loss_a = step(a, sa, x, y)
+    ...   b, sb, loss_b = jitted(b, sb, x, y)
+    >>> step.dispatch, int(sa.count), int(sb.count)
+    ('cond', 3, 3)
+    >>> bool(jnp.allclose(loss_a, loss_b)
+    ...      & jnp.allclose(a.layers[0].weight, b.layers[0].weight))
+    True
   """
 
   def __init__(self, loss_fn: Callable[..., Any],

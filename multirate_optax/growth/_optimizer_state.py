@@ -49,6 +49,25 @@ def grow_optimizer_state(
 
   Returns:
     The state for ``params``.
+
+  Example:
+    The momentum of a hidden layer grown from 3 to 5 units: the old units'
+    traces carried over, zeros for the new ones.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import multirate_optax as mo
+    >>> layers = [mo.Layer('hidden/kernel', reads='input', writes='hidden'),
+    ...           mo.Layer('out/kernel', reads='hidden', writes='output')]
+    >>> params = {'hidden': {'kernel': jnp.ones((2, 3))}, 'out': {'kernel': jnp.ones((3, 1))}}
+    >>> tx = optax.sgd(0.1, momentum=0.9)
+    >>> _, opt_state = tx.update(jax.tree.map(jnp.ones_like, params),
+    ...                          tx.init(params), params)
+    >>> grown, _, _, factors = mo.grow(
+    ...     params, {}, layers, mo.describe_widths(layers, params), {'hidden': 5},
+    ...     key=jax.random.key(0))
+    >>> opt_state = mo.grow_optimizer_state(tx, opt_state, grown, factors)
+    >>> opt_state[0].trace['out']['kernel'].ravel().tolist()
+    [1.0, 1.0, 1.0, 0.0, 0.0]
   """
   new_state = optimizer.init(params)
   new_leaves, treedef = jax.tree_util.tree_flatten_with_path(new_state)

@@ -24,6 +24,16 @@ class GrowthPlan:
       widths.
     starts: the step at which each stage starts (``starts[0] == 0``).
     total_steps: the length of the run.
+
+  Example:
+    >>> import multirate_optax as mo
+    >>> plan = mo.growth_plan({'hidden': 64}, 1000, first_stage_steps=50)
+    >>> plan.starts[:4], plan.lengths[:4]
+    ((0, 50, 110, 182), (50, 60, 72, 86))
+    >>> [plan.stage_at(step) for step in (0, 49, 50, 110, 999)]
+    [0, 0, 1, 2, 8]
+    >>> plan.widths[plan.stage_at(110)], plan.widths[-1]
+    ({'hidden': 23}, {'hidden': 64})
   """
 
   widths: tuple[Mapping[str, int], ...]

@@ -37,6 +37,18 @@ def stage_norm_factors(params: PyTree, stages: PyTree,
   Returns:
     A tree like ``params`` of factors: 1 for stage-0 elements, and 1 where
     ``W_0`` has no element (or a zero norm) in the scope.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np
+    >>> import multirate_optax as mo
+    >>> params = {'a': jnp.array([3.0, 4.0, 1.0, 1.0]), 'b': jnp.array([1.0, 2.0])}
+    >>> stages = {'a': np.array([0, 0, 1, 1]), 'b': np.array([0, 0])}
+    >>> factors = mo.stage_norm_factors(params, stages)  # sqrt(2) / 5 for stage 1
+    >>> [round(float(f), 4) for f in factors['a']], factors['b'].tolist()
+    ([1.0, 1.0, 0.2828, 0.2828], [1.0, 1.0])
+    >>> net = mo.stage_norm_factors(params, stages, scope='network')
+    >>> round(float(net['a'][2]), 4)  # sqrt(2) / sqrt(9 + 16 + 1 + 4)
+    0.2582
   """
   if scope not in ("layer", "network"):
     raise ValueError(f"scope must be 'layer' or 'network', got {scope!r}.")

@@ -62,6 +62,20 @@ class Layer:
     norm: the path of the BatchNorm that normalises its output, if any: its
       ``scale`` and ``bias`` under that path in the params, its ``mean`` and
       ``var`` under that path in the batch statistics.
+
+  Example:
+    A two-layer MLP: the hidden layer reads the input's width and writes the
+    hidden one, which the output layer reads.
+
+    >>> import jax, jax.numpy as jnp
+    >>> import multirate_optax as mo
+    >>> layers = [mo.Layer('hidden/kernel', reads='input', writes='hidden',
+    ...                    bias='hidden/bias'),
+    ...           mo.Layer('out/kernel', reads='hidden', writes='output')]
+    >>> params = {'hidden': {'kernel': jnp.full((2, 3), 0.5), 'bias': jnp.zeros(3)},
+    ...           'out': {'kernel': jnp.ones((3, 1))}}
+    >>> mo.describe_widths(layers, params).widths
+    {'input': 2, 'hidden': 3, 'output': 1}
   """
 
   kernel: str
@@ -78,6 +92,24 @@ class Growth:
   Attributes:
     unit_stages: ``{width: stages}``, an int array with the stage (0 for the
       network before any growth) of every unit of the width.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import multirate_optax as mo
+    >>> layers = [mo.Layer('hidden/kernel', reads='input', writes='hidden',
+    ...                    bias='hidden/bias'),
+    ...           mo.Layer('out/kernel', reads='hidden', writes='output')]
+    >>> params = {'hidden': {'kernel': jnp.full((2, 3), 0.5), 'bias': jnp.zeros(3)},
+    ...           'out': {'kernel': jnp.ones((3, 1))}}
+    >>> growth = mo.describe_widths(layers, params)
+    >>> growth.stage
+    0
+    >>> _, _, growth, _ = mo.grow(params, {}, layers, growth, {'hidden': 5},
+    ...                           key=jax.random.key(0))
+    >>> growth.widths, growth.stage
+    ({'input': 2, 'hidden': 5, 'output': 1}, 1)
+    >>> growth.unit_stages['hidden'].tolist()
+    [0, 0, 0, 1, 1]
   """
 
   unit_stages: Mapping[str, np.ndarray]
@@ -100,6 +132,18 @@ def describe_widths(layers: Sequence[Layer], params: PyTree) -> Growth:
   Raises:
     ValueError: if the description does not fit ``params``: a path that is
       not there, or layers that disagree on the size of a width.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import multirate_optax as mo
+    >>> layers = [mo.Layer('hidden/kernel', reads='input', writes='hidden',
+    ...                    bias='hidden/bias'),
+    ...           mo.Layer('out/kernel', reads='hidden', writes='output')]
+    >>> params = {'hidden': {'kernel': jnp.full((2, 3), 0.5), 'bias': jnp.zeros(3)},
+    ...           'out': {'kernel': jnp.ones((3, 1))}}
+    >>> growth = mo.describe_widths(layers, params)
+    >>> growth.widths, growth.unit_stages['hidden'].tolist()
+    ({'input': 2, 'hidden': 3, 'output': 1}, [0, 0, 0])
   """
   return Growth({name: np.zeros(size, np.int32)
                  for name, size in _width_sizes(layers, params).items()})
@@ -140,6 +184,33 @@ def grow(
     :class:`Growth` (new units belong to stage ``growth.stage + 1``), and
     ``factors``, a tree like ``params`` of the factor each leaf's old entries
     were multiplied by (for :func:`~multirate_optax.grow_optimizer_state`).
+
+  Example:
+    The hidden width grows from 3 to 5 units (one pair); the network computes
+    the same function, the pair's read-out weights cancelling:
+
+    >>> import jax, jax.numpy as jnp
+    >>> import multirate_optax as mo
+    >>> layers = [mo.Layer('hidden/kernel', reads='input', writes='hidden',
+    ...                    bias='hidden/bias'),
+    ...           mo.Layer('out/kernel', reads='hidden', writes='output')]
+    >>> params = {'hidden': {'kernel': jnp.full((2, 3), 0.5), 'bias': jnp.zeros(3)},
+    ...           'out': {'kernel': jnp.ones((3, 1))}}
+    >>> def apply(p, x):
+    ...   h = jnp.tanh(x @ p['hidden']['kernel'] + p['hidden']['bias'])
+    ...   return h @ p['out']['kernel']
+    >>> grown, _, growth, factors = mo.grow(
+    ...     params, {}, layers, mo.describe_widths(layers, params), {'hidden': 5},
+    ...     key=jax.random.key(0))
+    >>> jax.tree.map(jnp.shape, grown)
+    {'hidden': {'bias': (5,), 'kernel': (2, 5)}, 'out': {'kernel': (5, 1)}}
+    >>> x = jnp.array([[1.0, -2.0]])
+    >>> bool(jnp.allclose(apply(grown, x), apply(params, x)))
+    True
+    >>> float(grown['out']['kernel'][3, 0] + grown['out']['kernel'][4, 0])
+    0.0
+    >>> factors['out']['kernel']  # no BatchNorm: old weights kept as they are
+    1.0
   """
   sizes = _width_sizes(layers, params)
   if growth.widths != sizes:
@@ -191,6 +262,21 @@ def element_stages(params: PyTree, layers: Sequence[Layer],
 
   Returns:
     A tree like ``params`` of int32 numpy arrays of the same shapes.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import multirate_optax as mo
+    >>> layers = [mo.Layer('hidden/kernel', reads='input', writes='hidden',
+    ...                    bias='hidden/bias'),
+    ...           mo.Layer('out/kernel', reads='hidden', writes='output')]
+    >>> params = {'hidden': {'kernel': jnp.full((2, 3), 0.5), 'bias': jnp.zeros(3)},
+    ...           'out': {'kernel': jnp.ones((3, 1))}}
+    >>> grown, _, growth, _ = mo.grow(
+    ...     params, {}, layers, mo.describe_widths(layers, params), {'hidden': 5},
+    ...     key=jax.random.key(0))
+    >>> stages = mo.element_stages(grown, layers, growth)
+    >>> stages['hidden']['kernel'].tolist(), stages['out']['kernel'].ravel().tolist()
+    ([[0, 0, 0, 1, 1], [0, 0, 0, 1, 1]], [0, 0, 0, 1, 1])
   """
   flat = _flat(params)
   stages = {path: np.zeros(np.shape(value), np.int32)

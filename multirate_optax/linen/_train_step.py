@@ -34,6 +34,33 @@ class TrainState(train_state.TrainState):
     opt_state: the optimizer state; its multirate count decides the phase.
     batch_stats: the ``'batch_stats'`` collection, or ``None`` (the default)
       for a model without BatchNorm: then the loss takes no batch statistics.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import flax.linen as nn
+    >>> import multirate_optax as mo
+    >>> mlp = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(1)])
+    >>> x, y = jnp.ones((8, 3)), jnp.zeros((8, 1))
+    >>> params = mlp.init(jax.random.key(0), x)['params']
+    >>> tx = mo.multirate(optax.sgd(0.1), labels=mo.fast_by_path('layers_2'),
+    ...                   period=2)
+    >>> state = mo.linen.TrainState.create(apply_fn=mlp.apply, params=params, tx=tx)
+    >>> state.step, state.batch_stats, mo.find_timetable_state(state.opt_state).labels
+    (0, None, ('slow', 'slow', 'fast', 'fast'))
+    >>> def loss_fn(params, x, y):
+    ...   return jnp.mean((mlp.apply({'params': params}, x) - y) ** 2)
+    >>> state, loss = mo.linen.train_step(loss_fn)(state, x, y)
+    >>> state.step
+    1
+
+    An optimizer without a timetable is refused when the state is created:
+
+    >>> try:
+    ...   mo.linen.TrainState.create(apply_fn=mlp.apply, params=params,
+    ...                              tx=optax.sgd(0.1))
+    ... except ValueError as e:
+    ...   print(str(e)[:59])
+    the optimizer state holds no timetable of active groups: bu
   """
 
   batch_stats: Optional[PyTree] = None
@@ -78,6 +105,33 @@ class TrainStep:
   :class:`multirate_optax.TrainStep` is kept per optimizer (``state.tx``) and
   loss form, so compiled programs and the host-side step count of ``'host'``
   dispatch carry over from call to call.
+
+  Example:
+    Called step by step, and its uncompiled :meth:`apply` inside a
+    ``lax.scan`` of your own, which follow the same timetable:
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import flax.linen as nn
+    >>> import multirate_optax as mo
+    >>> mlp = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(1)])
+    >>> x, y = jnp.ones((8, 3)), jnp.zeros((8, 1))
+    >>> params = mlp.init(jax.random.key(0), x)['params']
+    >>> tx = mo.multirate(optax.sgd(0.1), labels=mo.fast_by_path('layers_2'),
+    ...                   period=2)
+    >>> state = mo.linen.TrainState.create(apply_fn=mlp.apply, params=params, tx=tx)
+    >>> def loss_fn(params, x, y):
+    ...   return jnp.mean((mlp.apply({'params': params}, x) - y) ** 2)
+    >>> step = mo.linen.train_step(loss_fn, dispatch='cond')
+    >>> xs, ys = jnp.ones((4, 8, 3)), jnp.zeros((4, 8, 1))
+    >>> stepped = state
+    >>> for x, y in zip(xs, ys):
+    ...   stepped, loss = step(stepped, x, y)
+    >>> scanned, losses = jax.lax.scan(
+    ...     lambda state, batch: step.apply(state, *batch), state, (xs, ys))
+    >>> step.dispatch, stepped.step, int(scanned.step), losses.shape
+    ('cond', 4, 4, (4,))
+    >>> bool(jnp.allclose(loss, losses[-1]))
+    True
   """
 
   def __init__(self, loss_fn: Callable[..., Any], *, has_aux: bool,

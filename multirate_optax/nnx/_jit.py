@@ -210,6 +210,39 @@ def value_and_grad(fun: Callable[..., Any], *, has_aux: bool = False):
 
   Raises:
     RuntimeError: when called outside a function compiled with :func:`jit`.
+
+  Example:
+    Step 0 is a slow step (every parameter gets a gradient), step 1 a fast
+    one (the body's gradients are zeros, and not computed):
+
+    >>> import jax.numpy as jnp, optax
+    >>> from flax import nnx
+    >>> import multirate_optax as mo
+    >>> class Net(nnx.Module):
+    ...   def __init__(self, rngs):
+    ...     self.body = nnx.Linear(3, 8, rngs=rngs)
+    ...     self.head = nnx.Linear(8, 1, rngs=rngs)
+    ...   def __call__(self, x):
+    ...     return self.head(nnx.relu(self.body(x)))
+    >>> tx = mo.multirate(optax.sgd(0.01),
+    ...                   labels=mo.nnx.fast_by_filter(nnx.PathContains('head')),
+    ...                   period=4)
+    >>> def loss_fn(model, x, y):
+    ...   return jnp.mean((model(x) - y) ** 2)
+    >>> x, y = jnp.ones((8, 3)), jnp.zeros((8, 1))
+    >>> model = Net(nnx.Rngs(0))
+    >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    >>> @mo.nnx.jit
+    ... def train_step(model, optimizer, x, y):
+    ...   loss, grads = mo.nnx.value_and_grad(loss_fn)(model, x, y)
+    ...   optimizer.update(model, grads)
+    ...   return grads
+    >>> for t in range(2):
+    ...   grads = train_step(model, optimizer, x, y)
+    ...   print(t, bool(jnp.any(grads['body']['kernel'][...] != 0)),
+    ...         bool(jnp.any(grads['head']['kernel'][...] != 0)))
+    0 True True
+    1 False True
   """
 
   def value_and_active_grad(model, *args, **kwargs):

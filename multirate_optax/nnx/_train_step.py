@@ -191,6 +191,42 @@ class TrainStep:
   model and optimizer is kept too, and made again only when their structure
   changes (a submodule or variable replaced, ``model.eval()``), which each
   call checks by the identity of every attribute.
+
+  Example:
+    Called on its own, and its :meth:`apply` inside an ``nnx.jit`` of your
+    own (two steps per call here), which follow the same timetable:
+
+    >>> import jax.numpy as jnp, optax
+    >>> from flax import nnx
+    >>> import multirate_optax as mo
+    >>> class Net(nnx.Module):
+    ...   def __init__(self, rngs):
+    ...     self.body = nnx.Linear(3, 8, rngs=rngs)
+    ...     self.head = nnx.Linear(8, 1, rngs=rngs)
+    ...   def __call__(self, x):
+    ...     return self.head(nnx.relu(self.body(x)))
+    >>> tx = mo.multirate(optax.sgd(0.01),
+    ...                   labels=mo.nnx.fast_by_filter(nnx.PathContains('head')),
+    ...                   period=4)
+    >>> def loss_fn(model, x, y):
+    ...   return jnp.mean((model(x) - y) ** 2)
+    >>> x, y = jnp.ones((8, 3)), jnp.zeros((8, 1))
+    >>> step = mo.nnx.train_step(loss_fn, dispatch='cond')
+    >>> @nnx.jit
+    ... def two_steps(model, optimizer, x, y):
+    ...   step.apply(model, optimizer, x, y)
+    ...   return step.apply(model, optimizer, x, y)
+    >>> model, other = Net(nnx.Rngs(0)), Net(nnx.Rngs(0))
+    >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    >>> other_optimizer = nnx.Optimizer(other, tx, wrt=nnx.Param)
+    >>> loss = two_steps(model, optimizer, x, y)
+    >>> for _ in range(2):
+    ...   other_loss = step(other, other_optimizer, x, y)
+    >>> step.dispatch, int(optimizer.step[...]), int(other_optimizer.step[...])
+    ('cond', 2, 2)
+    >>> bool(jnp.allclose(loss, other_loss)
+    ...      & jnp.allclose(model.body.kernel[...], other.body.kernel[...]))
+    True
   """
 
   def __init__(self, loss_fn: Callable[..., Any], *, has_aux: bool,

@@ -19,6 +19,25 @@ class CostEstimate(NamedTuple):
     steps_per_phase: how many steps of the run each phase has.
     saving: ``1 - sum(steps * flops) / (total steps * flops of phase 0)``, the
       share of the work of training every step as in phase 0 that is saved.
+
+  Example:
+    Multirate with ``period=4``: a quarter of the steps train everything,
+    the others the head alone.
+
+    >>> import jax.numpy as jnp, optax
+    >>> import multirate_optax as mo
+    >>> params = {'body': jnp.ones((16, 16)), 'head': jnp.ones((16, 1))}
+    >>> def loss_fn(params, x):
+    ...   return jnp.sum(jnp.tanh(x @ params['body']) @ params['head'])
+    >>> tx = mo.multirate(optax.sgd(0.1), labels=mo.fast_by_path('head'), period=4)
+    >>> step = mo.train_step(loss_fn, tx, dispatch='host')
+    >>> estimate = mo.estimate_saving(step, params, tx.init(params),
+    ...                               jnp.ones((8, 16)), total_steps=100)
+    >>> estimate.steps_per_phase, estimate.phase_flops[1] < estimate.phase_flops[0]
+    ((25, 75), True)
+    >>> work = sum(n * f for n, f in zip(estimate.steps_per_phase, estimate.phase_flops))
+    >>> bool(abs(estimate.saving - (1 - work / (100 * estimate.phase_flops[0]))) < 1e-12)
+    True
   """
 
   phase_flops: tuple[float, ...]

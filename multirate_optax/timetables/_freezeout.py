@@ -58,6 +58,21 @@ class FreezeOutTimetable(Timetable):
       then follows one cosine annealing over the whole run).
     spacing: ``'linear'``, ``'squared'`` or ``'cubic'``.
     scaled: start layer ``i`` at ``alpha / t_i`` instead of ``alpha``.
+
+  Example:
+    Three layers over 100 steps, linear spacing from ``t_0 = 0.5``:
+
+    >>> import multirate_optax as mo
+    >>> timetable = mo.FreezeOutTimetable(num_layers=3, total_steps=100, t_0=0.5,
+    ...                                   spacing='linear')
+    >>> timetable.freeze_fractions, timetable.freeze_steps
+    ((0.5, 0.75, 1.0), (50, 75, 100))
+    >>> [sorted(layers) for layers in timetable.phases]
+    [['0', '1', '2'], ['1', '2'], ['2'], []]
+    >>> [timetable.phase(t) for t in (0, 49, 50, 75, 99, 100)]
+    [0, 0, 1, 2, 2, 3]
+    >>> [timetable.learning_rate_factor(0, t) for t in (0, 25, 50)]  # 1 / t_0, cosine
+    [2.0, 1.0, 0.0]
   """
 
   num_layers: int

@@ -25,6 +25,17 @@ class MultirateTimetable(Timetable):
 
   Phase 0 (both groups) on steps ``t`` with ``t % period == 0``, the first step
   included; phase 1 (fast group only) on all other steps.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import multirate_optax as mo
+    >>> timetable = mo.MultirateTimetable(period=3)
+    >>> [sorted(groups) for groups in timetable.phases]
+    [['fast', 'slow'], ['fast']]
+    >>> [timetable.phase(t) for t in range(7)]
+    [0, 1, 1, 0, 1, 1, 0]
+    >>> timetable.phase(jnp.arange(4)), timetable.is_slow_step(6)
+    (Array([0, 1, 1, 0], dtype=int32), True)
   """
 
   period: int

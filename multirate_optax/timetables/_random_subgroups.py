@@ -37,6 +37,14 @@ class RandomSubgroupsTimetable(Timetable):
   Full steps, ``t % period == 0``, and fast steps differ within leaves only,
   which :func:`random_subgroups` handles, so a train step compiles a single
   program.
+
+  Example:
+    >>> import multirate_optax as mo
+    >>> timetable = mo.RandomSubgroupsTimetable(period=3)
+    >>> timetable.phases, [timetable.phase(t) for t in range(4)]
+    ((frozenset({'all'}),), [0, 0, 0, 0])
+    >>> [bool(timetable.is_full_step(t)) for t in range(4)]
+    [True, False, False, True]
   """
 
   period: int
@@ -70,6 +78,24 @@ class RandomSubgroupsState(NamedTuple):
     slow_values: the slow weights' values (zeros elsewhere), kept here while
       the parameters hold zeros in their place.
     inner: the optimizer's state.
+
+  Example:
+    After the full step 0, the subgroup of cycle 0 is drawn; its weights are
+    zero in the parameters and kept here:
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import multirate_optax as mo
+    >>> tx = mo.random_subgroups(optax.sgd(0.1), fraction=0.5, period=2,
+    ...                          key=jax.random.key(0))
+    >>> params = {'w': jnp.ones(6)}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({'w': jnp.ones(6)}, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> subgroups = mo.random_subgroups_state(state)
+    >>> subgroups.slow['w'].tolist()
+    [True, False, True, False, True, True]
+    >>> print(subgroups.slow_values['w'], params['w'])
+    [0.9 0.  0.9 0.  0.9 0.9] [0.  0.9 0.  0.9 0.  0. ]
   """
 
   key: jax.Array
@@ -239,6 +265,15 @@ def random_subgroups_state(opt_state: PyTree) -> RandomSubgroupsState:
 
   Raises:
     ValueError: if its timetable is not that of :func:`random_subgroups`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import multirate_optax as mo
+    >>> tx = optax.chain(optax.clip_by_global_norm(1.0), mo.random_subgroups(
+    ...     optax.sgd(0.1), fraction=0.5, period=2, key=jax.random.key(0)))
+    >>> subgroups = mo.random_subgroups_state(tx.init({'w': jnp.ones(4)}))
+    >>> subgroups.slow['w'].tolist()  # none drawn before the first full step
+    [False, False, False, False]
   """
   timetable_state = find_timetable_state(opt_state)
   if not isinstance(timetable_state.timetable, RandomSubgroupsTimetable):
@@ -261,6 +296,25 @@ def full_weights(params: PyTree, opt_state: PyTree) -> PyTree:
 
   Returns:
     The parameters with every weight's value.
+
+  Example:
+    A full step, then a fast step of a cycle of three: the fast weights took
+    two steps, the slow ones one, and the parameters hold zeros for the slow
+    ones until the cycle ends.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import multirate_optax as mo
+    >>> tx = mo.random_subgroups(optax.sgd(0.1), fraction=0.5, period=3,
+    ...                          key=jax.random.key(0))
+    >>> params = {'w': jnp.ones(6)}
+    >>> state = tx.init(params)
+    >>> for _ in range(2):
+    ...   updates, state = tx.update({'w': jnp.ones(6)}, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> [round(float(w), 4) for w in params['w']]
+    [0.0, 0.8, 0.0, 0.8, 0.0, 0.0]
+    >>> [round(float(w), 4) for w in mo.full_weights(params, state)['w']]
+    [0.9, 0.8, 0.9, 0.8, 0.9, 0.9]
   """
   own = random_subgroups_state(opt_state)
   timetable_state = find_timetable_state(opt_state)

@@ -41,6 +41,16 @@ class UnfreezingTimetable(Timetable):
   Attributes:
     order: the group names, top (nearest the output) first.
     unfreeze_steps: the step at which each group of ``order`` joins.
+
+  Example:
+    >>> import multirate_optax as mo
+    >>> timetable = mo.UnfreezingTimetable(('head', 'top', 'bottom'), (0, 10, 20))
+    >>> [sorted(groups) for groups in timetable.phases]
+    [['head'], ['head', 'top'], ['bottom', 'head', 'top']]
+    >>> [timetable.phase(t) for t in (0, 9, 10, 20, 1000)]
+    [0, 0, 1, 2, 2]
+    >>> len(mo.UnfreezingTimetable(('head', 'body'), (0, 0)).phases)  # together
+    1
   """
 
   order: tuple[str, ...]
