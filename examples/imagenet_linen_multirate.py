@@ -40,7 +40,10 @@ examples/imagenet_linen.py examples/imagenet_linen_multirate.py`):
     inside mo.multirate, its defaults unchanged: the slow part's schedule
     follows the global step, as the fast part's.
 'cond' dispatch, since under jax.pmap the host cannot pick one program per
-call (the library refuses 'host' there).
+call (the library refuses 'host' there). On CPU that makes this step slower
+than the example's (XLA:CPU runs convolution weight gradients inside a
+conditional on a slow path; measured in docs/guides/flax.md): there, drop
+pmap for jax.jit on a Mesh, where the default 'host' dispatch applies.
 """
 
 import functools
