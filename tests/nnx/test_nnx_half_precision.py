@@ -196,3 +196,19 @@ def test_a_dynamic_scale_the_step_was_not_built_for_is_refused():
                      r"dynamic_scale, value = step\(model, optimizer, "
                      r"dynamic_scale.*got an array of shape \(8, 5\)"):
     scaled(model, optimizer, x, y)
+
+
+def test_apply_inside_nnx_jit_takes_the_scale(reference):
+  model = Net()
+  optimizer = nnx.Optimizer(model, make_tx(mo.nnx.fast_by_filter(HEAD)),
+                            wrt=nnx.Param)
+  step = mo.nnx.train_step(loss_fn, dispatch="cond", dynamic_scale=True)
+  jitted = nnx.jit(step.apply)
+  scale = DynamicScale()
+  for x, y in make_batches():
+    scale, _ = jitted(model, optimizer, scale, x, y)
+  params, _, want_scale = reference[False][-1]
+  chex.assert_trees_all_close(pure_params(model), params, rtol=1e-6,
+                              atol=1e-6)
+  assert int(scale.fin_steps) == int(want_scale.fin_steps)
+  assert float(scale.scale) == float(want_scale.scale)
