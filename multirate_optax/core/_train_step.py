@@ -106,6 +106,41 @@ def _warn_when_skipped(finite: jax.Array, timetable: Timetable, phase: int,
                lambda count: jax.debug.callback(warn, count), count)
 
 
+def loss_scaled_update(optimizer: optax.GradientTransformation,
+                       loss_fn: Callable[..., Any], has_aux: bool, phase: int,
+                       dynamic_scale: Any, params: PyTree, opt_state: PyTree,
+                       *args, axis_name: AxisName = None):
+  """One step of ``phase`` with Flax's ``DynamicScale``, traced.
+
+  The scale scales the loss, unscales (and with ``axis_name`` averages) the
+  gradients of the parameters active in ``phase`` and adapts itself; a step
+  with non-finite gradients keeps the parameters and the optimizer state, as
+  in Flax's examples: all of it under ``'cond'`` dispatch, all but the
+  timetable's count (advanced, with a warning when a group misses its update)
+  in a ``'host'`` program. Shared by the core, Linen and NNX steps.
+
+  Returns:
+    ``(params, opt_state, dynamic_scale, value)``, ``value`` what ``loss_fn``
+    returns.
+  """
+  timetable_state = find_timetable_state(opt_state)
+  dynamic_scale, finite, value, grads = value_and_active_grad(
+      loss_fn, timetable_state.active(phase), has_aux,
+      functools.partial(dynamic_scale.value_and_grad,
+                        axis_name=axis_name or None))(params, *args)
+  updates, new_opt_state = optimizer.update(grads, opt_state, params)
+  kept_opt_state = opt_state
+  if tracing_host_program():
+    kept_opt_state = _with_count_advanced(opt_state)
+    _warn_when_skipped(finite, timetable_state.timetable, phase,
+                       timetable_state.count)
+  keep_if_skipped = functools.partial(
+      jax.tree.map, functools.partial(jnp.where, finite))
+  return (keep_if_skipped(optax.apply_updates(params, updates), params),
+          keep_if_skipped(new_opt_state, kept_opt_state), dynamic_scale,
+          value)
+
+
 class TrainStep:
   """A jit-compiled train step that differentiates only the active parameters.
 
@@ -188,24 +223,9 @@ class TrainStep:
           _averaged_value_and_grad(self._axis_name))(params, *args)
       updates, opt_state = self._optimizer.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state, value
-    # Flax's DynamicScale scales the loss, unscales and (with axis_name)
-    # averages the gradients, and adapts the scale; a non-finite step keeps
-    # the parameters and optimizer state, as in Flax's examples.
-    dynamic_scale, finite, value, grads = value_and_active_grad(
-        self._loss_fn, active, self._has_aux,
-        functools.partial(dynamic_scale.value_and_grad,
-                          axis_name=self._axis_name or None))(params, *args)
-    updates, new_opt_state = self._optimizer.update(grads, opt_state, params)
-    kept_opt_state = opt_state
-    if tracing_host_program():
-      kept_opt_state = _with_count_advanced(opt_state)
-      _warn_when_skipped(finite, timetable_state.timetable, phase,
-                         timetable_state.count)
-    keep_if_skipped = functools.partial(
-        jax.tree.map, functools.partial(jnp.where, finite))
-    return (keep_if_skipped(optax.apply_updates(params, updates), params),
-            keep_if_skipped(new_opt_state, kept_opt_state), dynamic_scale,
-            value)
+    return loss_scaled_update(
+        self._optimizer, self._loss_fn, self._has_aux, phase, dynamic_scale,
+        params, opt_state, *args, axis_name=self._axis_name)
 
   def apply(self, params: PyTree, opt_state: PyTree, *args):
     """The uncompiled step, choosing the phase with ``jax.lax.switch``.

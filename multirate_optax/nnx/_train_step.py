@@ -9,13 +9,15 @@ from typing import Any, NamedTuple, Optional
 import jax
 import optax
 from flax import nnx
+from flax.training.dynamic_scale import DynamicScale
 
 from multirate_optax.core._dispatch import Dispatch, PhaseDispatch, resolve_dispatch
 from multirate_optax.core._gradients import (
-    checked_loss, check_loss_signature, value_and_active_grad)
+    checked_loss, check_loss_signature, describe, value_and_active_grad)
 from multirate_optax.core._groups import FAST, SLOW
 from multirate_optax.nnx._jit import jit, value_and_grad
 from multirate_optax.core._timetable import find_timetable_state
+from multirate_optax.core._train_step import loss_scaled_update
 
 
 def fast_by_filter(
@@ -176,12 +178,38 @@ def _split(model: nnx.Module, optimizer: nnx.Optimizer) -> _Split:
       [(l, tuple(map(id, l))) for l in lists])
 
 
+def _split_dynamic_scale(expected: bool, args: Sequence[Any]
+                         ) -> tuple[Optional[DynamicScale], list[Any]]:
+  """The loss scale leading ``args``; refuses a missing or an unasked one."""
+  args = list(args)
+  if expected:
+    if not (args and isinstance(args[0], DynamicScale)):
+      raise TypeError(
+          "a step built with dynamic_scale=True is called as dynamic_scale, "
+          "value = step(model, optimizer, dynamic_scale, *args), with Flax's "
+          "flax.training.dynamic_scale.DynamicScale after the optimizer; got "
+          + (describe(args[0]) if args else "nothing") + " there.")
+    return args[0], args[1:]
+  found = [i for i, a in enumerate(args) if isinstance(a, DynamicScale)]
+  if found:
+    raise TypeError(
+        f"argument {found[0] + 3} of the step (counting the model and the "
+        "optimizer) is a DynamicScale, but the step was built without "
+        "dynamic_scale=True: it would be handed to loss_fn, with no loss "
+        "scaling. Build it with mo.nnx.train_step(loss_fn, dynamic_scale="
+        "True) and call it as dynamic_scale, value = step(model, optimizer, "
+        "dynamic_scale, *args).")
+  return None, args
+
+
 class TrainStep:
   """A multirate train step on an ``nnx.Module`` and its ``nnx.Optimizer``.
 
   Call it as ``value = step(model, optimizer, *args)``; it updates ``model``
   and ``optimizer`` in place and returns what ``loss_fn(model, *args)``
-  returns. Build it with :func:`train_step`.
+  returns (``dynamic_scale, value = step(model, optimizer, dynamic_scale,
+  *args)`` when built with ``dynamic_scale=True``). Build it with
+  :func:`train_step`.
 
   The phase comes from the count of the timetable state inside
   ``optimizer``, as in :class:`multirate_optax.TrainStep`, with the same
@@ -230,11 +258,12 @@ class TrainStep:
   """
 
   def __init__(self, loss_fn: Callable[..., Any], *, has_aux: bool,
-               dispatch: Dispatch, donate: bool):
+               dispatch: Dispatch, donate: bool, dynamic_scale: bool = False):
     if not callable(loss_fn):
       raise TypeError(f"loss_fn must be callable, got {loss_fn!r}.")
     self._loss_fn = loss_fn
     self._has_aux = has_aux
+    self._dynamic_scale = dynamic_scale
     self.dispatch = resolve_dispatch(dispatch)
     self._donate = donate
     self._dispatches: dict[tuple[Any, ...], PhaseDispatch] = {}
@@ -260,6 +289,7 @@ class TrainStep:
                      rest_structure: jax.tree_util.PyTreeDef, phase: int,
                      params, opt_state, rest, count, *args):
     """The pure step of one phase on the split model and optimizer."""
+    dynamic_scale, args = _split_dynamic_scale(self._dynamic_scale, args)
     check_loss_signature(self._loss_fn, len(args))
     params = params_structure.unflatten(params)
     rest = rest_structure.unflatten(rest)
@@ -273,11 +303,19 @@ class TrainStep:
       loss_value = value[0] if self._has_aux else value
       return loss_value, (value, new_rest)
 
-    (_, (value, rest)), grads = value_and_active_grad(
-        loss, find_timetable_state(opt_state).active(phase), has_aux=True)(
-            params, rest, *args)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    if self._dynamic_scale:
+      # The model's other state (BatchNorm statistics) is kept from the
+      # forward pass on a skipped step too, as in Flax's examples.
+      params, opt_state, dynamic_scale, (_, (value, rest)) = (
+          loss_scaled_update(tx, loss, True, phase, dynamic_scale, params,
+                             opt_state, rest, *args))
+      value = (dynamic_scale, value)
+    else:
+      (_, (value, rest)), grads = value_and_active_grad(
+          loss, find_timetable_state(opt_state).active(phase), has_aux=True)(
+              params, rest, *args)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
     return (params_structure.flatten_up_to(params), opt_state,
             rest_structure.flatten_up_to(rest), optax.safe_increment(count),
             value)
@@ -328,6 +366,7 @@ def train_step(
     has_aux: bool = False,
     dispatch: Dispatch = "auto",
     donate: bool = False,
+    dynamic_scale: bool = False,
 ) -> TrainStep:
   """Builds a multirate train step for an ``nnx.Module`` and ``nnx.Optimizer``.
 
@@ -346,10 +385,23 @@ def train_step(
       memory: arrays read from the model and optimizer before the call (a
       state kept with ``nnx.state``, say) are then deleted. ``False`` (the
       default) keeps them usable.
+    dynamic_scale: take Flax's ``flax.training.dynamic_scale.DynamicScale``
+      (loss scaling for float16) after the optimizer and return the new one:
+      ``dynamic_scale, value = step(model, optimizer, dynamic_scale, *args)``.
+      As :func:`multirate_optax.train_step` with ``dynamic_scale=True``: the
+      loss is scaled, the gradients unscaled, and a step with non-finite
+      gradients keeps the parameters and the optimizer state (its timetable
+      count too under ``'cond'`` dispatch, so the phase is retried; under
+      ``'host'`` the count advances, with a warning when a slow update is
+      missed) and lowers the scale. The model's other variables (BatchNorm
+      statistics, rng counts) keep what the forward pass wrote, and
+      ``optimizer.step`` advances, as in Flax's examples. Without it, a
+      ``DynamicScale`` among the arguments is refused.
 
   Returns:
     A :class:`TrainStep`: ``value = step(model, optimizer, *args)`` updates
-    both in place. For your own ``nnx.jit`` use its ``apply`` method.
+    both in place (``dynamic_scale, value = ...`` with ``dynamic_scale=True``).
+    For your own ``nnx.jit`` use its ``apply`` method.
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -374,5 +426,17 @@ def train_step(
     ...   loss = step(model, optimizer, x, y)
     >>> int(optimizer.step[...])
     8
+
+    Loss scaling for float16 with Flax's ``DynamicScale``: a batch with a
+    NaN is skipped, the scale halved.
+
+    >>> from flax.training.dynamic_scale import DynamicScale
+    >>> scaled = mo.nnx.train_step(loss_fn, dispatch='cond', dynamic_scale=True)
+    >>> kernel = model.head.kernel[...]
+    >>> scale, loss = scaled(model, optimizer, DynamicScale(),
+    ...                      jnp.full((8, 3), jnp.nan), y)
+    >>> float(scale.scale), bool((model.head.kernel[...] == kernel).all())
+    (32768.0, True)
   """
-  return TrainStep(loss_fn, has_aux=has_aux, dispatch=dispatch, donate=donate)
+  return TrainStep(loss_fn, has_aux=has_aux, dispatch=dispatch, donate=donate,
+                   dynamic_scale=dynamic_scale)
