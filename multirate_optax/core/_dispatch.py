@@ -261,8 +261,10 @@ class HostCount:
             f"state is inside {refused[0].__module__}.{refused[0].__qualname__},"
             " which is not known to advance it once per step (optax."
             "apply_if_finite, MultiSteps and conditionally_mask skip updates), "
-            "so the host-side count could drift from it: use dispatch='cond', "
-            "or put the wrapper inside the optimizers of the groups.")
+            "so the host-side count could drift from it: use dispatch='cond' "
+            "(multirate_optax.nnx.jit always dispatches on the host: use "
+            "multirate_optax.nnx.train_step(..., dispatch='cond') there), or "
+            "put the wrapper inside the optimizers of the groups.")
       self.check_not_donated(count)
       self._count = int(count)
     return located.state.timetable.phase(self._count)
