@@ -167,6 +167,9 @@ class SplitsProfile:
     backend: the JAX backend the programs ran on.
     periods: the periods k of the predicted speed-ups.
     repeats: the timed calls of each program (medians are reported).
+    clock: the name of the timer that measured them (``'perf_counter'``,
+      wall-clock time, by default; ``'process_time'``, this process's CPU
+      time, moves less with other jobs' load on a shared machine).
     forward_seconds: median time of the forward pass alone (the loss).
     full: the full phase's :class:`PhaseProfile`.
     splits: one :class:`SplitProfile` per candidate.
@@ -200,6 +203,7 @@ class SplitsProfile:
   forward_seconds: float
   full: PhaseProfile
   splits: tuple[SplitProfile, ...]
+  clock: str = "perf_counter"
 
   def to_dict(self) -> dict[str, Any]:
     """A JSON-ready dict (times in seconds, memory in bytes)."""
@@ -210,7 +214,8 @@ class SplitsProfile:
 
     return {
         "backend": self.backend, "periods": list(self.periods),
-        "repeats": self.repeats, "forward_seconds": self.forward_seconds,
+        "repeats": self.repeats, "clock": self.clock,
+        "forward_seconds": self.forward_seconds,
         "full": phase(self.full),
         "splits": [{
             "name": s.name, "fast_share": s.fast_share, "fast": phase(s.fast),
@@ -231,7 +236,8 @@ class SplitsProfile:
         "".join(f" {'cond k=' + str(k):>9}" for k in self.periods)
         if any(s.speedup_cond for s in self.splits) else "")
     lines = [
-        f"backend {self.backend}, medians of {self.repeats} interleaved calls;"
+        f"backend {self.backend}, medians of {self.repeats} interleaved calls"
+        f" ({self.clock});"
         f" forward alone {self.forward_seconds * ms:.2f} ms",
         f"full step {full.seconds * ms:.2f} ms (bound {full.bound_seconds * ms:.2f}"
         f" ms = grad {full.grad_seconds * ms:.2f} + update "
@@ -380,16 +386,17 @@ class _Programs:
 
 
 def _median_times(thunks: Mapping[str, Callable[[], Any]], repeats: int,
-                  verbose: bool) -> dict[str, float]:
+                  verbose: bool, timer: Callable[[], float]
+                  ) -> dict[str, float]:
   """Median seconds of each thunk: warm-up, then interleaved timed calls."""
   for thunk in thunks.values():
     jax.block_until_ready(thunk())
   times: dict[str, list[float]] = {name: [] for name in thunks}
   for repeat in range(repeats):
     for name, thunk in thunks.items():
-      start = time.perf_counter()
+      start = timer()
       jax.block_until_ready(thunk())
-      times[name].append(time.perf_counter() - start)
+      times[name].append(timer() - start)
     if verbose:
       print(f"\rprofile_splits: timed {repeat + 1}/{repeats}", end="",
             file=sys.stderr, flush=True)
@@ -410,6 +417,7 @@ def profile_splits(
     periods: Sequence[int] = (2, 5, 10),
     dispatches: Sequence[str] = ("host", "cond"),
     repeats: int = 10,
+    timer: Callable[[], float] = time.perf_counter,
     verbose: bool = True,
 ) -> SplitsProfile:
   """Measures, for each candidate fast set, what multirate training would save.
@@ -440,6 +448,9 @@ def profile_splits(
       host speed-ups are always reported, the switch program only with
       ``'cond'`` (on CPU it is slow for conv nets, jax-ml/jax#12868).
     repeats: timed calls of each program.
+    timer: the clock, in seconds: wall-clock ``time.perf_counter`` by
+      default; ``time.process_time`` (this process's CPU time, all its
+      threads) moves less with other jobs' load on a shared machine.
     verbose: print progress to stderr.
 
   Returns:
@@ -499,7 +510,7 @@ def profile_splits(
           programs.switch())
     shares[name] = _fast_share(labels, params)
   log(f"timing {len(thunks)} programs")
-  seconds = _median_times(thunks, int(repeats), verbose)
+  seconds = _median_times(thunks, int(repeats), verbose, timer)
 
   def phase_profile(name: str, phase: int) -> PhaseProfile:
     return PhaseProfile(
@@ -526,4 +537,5 @@ def profile_splits(
                       for k in periods} if cond else {}))
   return SplitsProfile(backend=jax.default_backend(), periods=periods,
                        repeats=int(repeats), forward_seconds=seconds["forward"],
-                       full=full, splits=tuple(splits))
+                       full=full, splits=tuple(splits),
+                       clock=getattr(timer, "__name__", repr(timer)))

@@ -3,6 +3,7 @@
 No timing is asserted: only what holds on any machine.
 """
 
+import itertools
 import json
 
 import jax
@@ -75,6 +76,26 @@ def test_table_structure_and_its_arithmetic():
                                                    "depth 3"]
   assert set(loaded["splits"][0]["speedup_host"]) == {"2", "5", "10"}
   assert loaded["full"]["bound_seconds"] == result.full.bound_seconds
+
+
+def test_timer_times_every_program():
+  # A clock that advances one second per reading: every timed call lasts 1 s.
+  readings = itertools.count()
+
+  def ticking():
+    return float(next(readings))
+
+  result = profile(timer=ticking)
+  assert result.clock == "ticking" and result.to_dict()["clock"] == "ticking"
+  assert "(ticking)" in str(result)
+  assert result.forward_seconds == result.full.seconds == 1.0
+  for split in result.splits:
+    assert (split.fast.seconds, split.fast.grad_seconds,
+            split.fast.update_seconds, split.cond_slow_seconds,
+            split.cond_fast_seconds) == (1.0,) * 5
+    assert split.fast.bound_seconds == 2.0 and split.fast.overhead == -0.5
+    assert split.speedup_host == split.speedup_cond == {2: 1.0, 5: 1.0,
+                                                        10: 1.0}
 
 
 def test_host_only_leaves_cond_out():
