@@ -139,3 +139,45 @@ def test_torch_prefixes_partition_the_parameters_like_the_flax_modules(
     assert not names & claimed, module
     claimed |= names
   assert claimed == set(named)
+
+
+def test_splits_benchmark_profiles_and_checks_its_prediction(
+    tmp_path, monkeypatch, capsys):
+  # benchmarks.splits on a tiny model of the same form as its pretrained
+  # ones (a body and a "classifier"), so that the table, the check and the
+  # JSON are exercised in seconds; the figures are checked against their
+  # definitions, never against times.
+  import jax.numpy as jnp
+  import multirate_optax as mo
+  from benchmarks import splits
+
+  def tiny():
+    params = {"body": {"w": jnp.full((6, 6), 0.1)},
+              "classifier": {"w": jnp.full((6, 3), 0.1)}}
+
+    def loss_fn(params, batch):
+      x, y = batch
+      h = jnp.tanh(x @ params["body"]["w"])
+      return jnp.mean((h @ params["classifier"]["w"] - y) ** 2)
+
+    batch = (jnp.ones((4, 6)), jnp.zeros((4, 3)))
+    return loss_fn, params, batch, {"classifier": splits.CLASSIFIER}
+
+  monkeypatch.setitem(splits.MODELS, "tiny", tiny)
+  out = tmp_path / "splits.json"
+  result = splits.main(["--model", "tiny", "--host-only", "--repeats", "2",
+                        "--check", "3", "--cycles", "1", "--check-repeats",
+                        "2", "--clock", "process", "--json", str(out)])
+  written = json.loads(out.read_text())
+  assert written["model"] == "tiny" and written["clock"] == "process"
+  assert [s["name"] for s in written["profile"]["splits"]] == ["classifier"]
+  check = written["check"]
+  assert check["period"] == 3
+  assert check["speedup"] == pytest.approx(
+      check["full_seconds"] / check["multirate_seconds"])
+  split = result["profile"]["splits"][0]
+  assert check["predicted_speedup"] == pytest.approx(mo.predicted_speedup(
+      result["profile"]["full"]["seconds"], split["fast"]["seconds"], 3))
+  assert check["predicted_over_measured"] == pytest.approx(
+      check["predicted_speedup"] / check["speedup"])
+  assert "fast = classifier, k = 3" in capsys.readouterr().out
