@@ -424,8 +424,10 @@ def bench_groups(name: str, batch_size: int, repeats: int, cycles: int,
   fraction of a cycle's steps in the phase and ``t_phase`` the time of a
   plain optax step that differentiates and updates the phase's active
   modules only (as ``t_fast`` is for two rates); a second ideal uses the
-  library's own program of each phase, run alone, so that its ratio is what
-  switching between programs costs.
+  library's own program of each phase (with drift), run alone, so that its
+  ratio is what switching between programs costs. Rows with and without
+  drift: drift adds the held updates of the inactive groups to every step,
+  work that the plain ideal does not do.
   """
   module, params, batch = make_problem(name, batch_size)
   loss_fn = make_loss(module)
@@ -458,9 +460,12 @@ def bench_groups(name: str, batch_size: int, repeats: int, cycles: int,
                                         multi.init(params), batch,
                                         cycle * cycles, repeats)
   for dispatch in dispatches:
-    runners[dispatch] = core_runner(
-        mo.train_step(loss_fn, multi, dispatch=dispatch, donate=True),
-        copy(params), multi.init(params), batch, cycle * cycles, repeats)
+    for drift in (True, False):
+      tx_drift = mo.multirate_groups(tx, labels=labels, periods=GROUP_PERIODS,
+                                     drift=drift)
+      runners[dispatch, drift] = core_runner(
+          mo.train_step(loss_fn, tx_drift, dispatch=dispatch, donate=True),
+          copy(params), tx_drift.init(params), batch, cycle * cycles, repeats)
   times = measure(runners)
   phases = [dict(groups=sorted(active), share=shares[p],
                  t_plain_ms=1e3 * times["plain", p],
@@ -469,9 +474,11 @@ def bench_groups(name: str, batch_size: int, repeats: int, cycles: int,
   ideal = sum(ph["share"] * ph["t_plain_ms"] for ph in phases)
   ideal_programs = sum(ph["share"] * ph["t_program_ms"] for ph in phases)
   rows = []
-  for dispatch in dispatches:
-    t_step = 1e3 * times[dispatch]
-    rows.append(dict(model=name, dispatch=dispatch, periods=GROUP_PERIODS,
+  for dispatch, drift in [(d, drift) for d in dispatches
+                          for drift in (True, False)]:
+    t_step = 1e3 * times[dispatch, drift]
+    rows.append(dict(model=name, dispatch=dispatch, drift=drift,
+                     periods=GROUP_PERIODS,
                      groups={g: sorted(m) for g, m in modules_of_group.items()},
                      phases=phases, t_step_ms=t_step, ideal_ms=ideal,
                      efficiency=ideal / t_step,
@@ -480,7 +487,7 @@ def bench_groups(name: str, batch_size: int, repeats: int, cycles: int,
                      t_full_ms=phases[0]["t_plain_ms"],
                      speedup=phases[0]["t_plain_ms"] / t_step, clock=CLOCK,
                      page_faults_per_step=statistics.median(
-                         runners[dispatch].faults)))
+                         runners[dispatch, drift].faults)))
     print_groups(rows[-1])
   return rows
 
@@ -490,12 +497,12 @@ GROUPS_HEADER = (f"{'model':<12} {'dispatch':<8} {'phase':<22} {'share':>6} "
 
 
 def print_groups(r: dict) -> None:
-  for ph in r["phases"]:
+  for ph in r["phases"] if r["drift"] else ():
     print(f"{r['model']:<12} {r['dispatch']:<8} {'+'.join(ph['groups']):<22} "
           f"{ph['share']:>6.3f} {ph['t_plain_ms']:>9.2f} "
           f"{ph['t_program_ms']:>10.2f}")
-  print(f"{r['model']:<12} {r['dispatch']:<8} three rates {GROUP_PERIODS}: "
-        f"t_step {r['t_step_ms']:.2f} ms, ideal {r['ideal_ms']:.2f} ms, "
+  print(f"{r['model']:<12} {r['dispatch']:<8} three rates {GROUP_PERIODS}, "
+        f"drift {r['drift']}: t_step {r['t_step_ms']:.2f} ms, ideal {r['ideal_ms']:.2f} ms, "
         f"efficiency {r['efficiency']:.3f} (vs its own phase programs "
         f"{r['efficiency_vs_programs']:.3f}), speedup over full "
         f"{r['speedup']:.2f}", flush=True)
@@ -591,12 +598,15 @@ def main(argv=None) -> list[dict]:
                       default=True,
                       help="three-rate multirate (multirate_groups) against "
                       "its ideal, on the transformer")
+  parser.add_argument("--repeats", type=int,
+                      help="timed blocks per variant (default 7, --quick 3)")
   parser.add_argument("--groups-only", action="store_true",
                       help="only the three-rate rows")
   args = parser.parse_args(argv)
   global CLOCK
   CLOCK = args.clock
   repeats, cycles = (3, 1) if args.quick else (7, 2)
+  repeats = args.repeats or repeats
   # On CPU a conv net's slow step inside lax.cond takes seconds
   # (jax-ml/jax#12868): measure 'cond' with fewer repeats there.
   on_cpu = jax.default_backend() == "cpu"

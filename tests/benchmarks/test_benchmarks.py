@@ -64,7 +64,8 @@ def test_step_speed_writes_its_table_as_json(tmp_path, capsys):
   # Three rates (head 1, top encoder layers 2, the rest 6) against the sum
   # over its phases of share * time of a plain step of the phase's modules.
   groups = report["groups"]
-  assert [g["dispatch"] for g in groups] == ["host", "cond"]
+  assert [(g["dispatch"], g["drift"]) for g in groups] == [
+      ("host", True), ("host", False), ("cond", True), ("cond", False)]
   for g in groups:
     assert g["periods"] == {"head": 1, "top": 2, "rest": 6}
     assert g["groups"]["top"] == ["encoder_2", "encoder_3"]
