@@ -444,3 +444,23 @@ class TestBadInput:
                       r"of 6 steps"):
       mo.multirate_groups(optax.sgd(0.1), labels=GROUPS, periods=PERIODS,
                           scales={"backbone": 0.75})
+
+
+@pytest.mark.parametrize("dispatch", ["host", "cond"])
+def test_every_flavour_of_train_step_computes_the_same_bits(dispatch):
+  # The core, Linen, NNX and Equinox steps on the same MLP (tests/_steps.py),
+  # three groups labelled by path in each flavour's own tree.
+  from _steps import FLAVOURS, HARNESSES, train as train_flavour
+  tx = mo.multirate_groups(
+      optax.sgd(LR, momentum=MU), periods=PERIODS,
+      labels=mo.groups_by_path({"head": "head", "top": "layer1"},
+                               default="backbone"))
+  data = batches(8)
+  results = [train_flavour(HARNESSES[f](1, dispatch=dispatch,
+                                        wrap=lambda _: tx), data)
+             for f in FLAVOURS]
+  for result in results[1:]:
+    chex.assert_trees_all_equal(result, results[0])
+  expected = reference(mlp_params(), data, periods=PERIODS, drift=True,
+                       kinds=dict.fromkeys(PERIODS, "sgd"))
+  chex.assert_trees_all_close(results[0], expected, **TOLERANCE["sgd"])
