@@ -32,6 +32,13 @@ the overhead is a program's time over that sum, minus 1, for the full phase
 and for the fast phase with ``'host'`` dispatch and inside the ``lax.switch``
 program (``'cond'``).
 
+Three rates (``--groups``, on the transformer): :func:`multirate_optax.
+multirate_groups` with the head every step, the top two encoder layers every
+2 steps and the rest every 6, against its ideal ``sum_phases share *
+t_phase`` (``t_phase`` a plain optax step of the phase's active modules
+only); and against the same sum over its own phase programs, each run alone,
+which isolates what switching programs costs.
+
 Run from the repository root::
 
   python -m benchmarks.step_speed --quick --json results/step_speed.json
@@ -45,13 +52,14 @@ of this process) moves less with other jobs' load than wall-clock time.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import resource
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -178,13 +186,23 @@ def make_loss(module: nn.Module) -> Callable[..., jax.Array]:
 
 def plain_step(loss_fn, tx, fast_only: bool):
   """Plain optax: gradients of all parameters, or of the head alone."""
+  return subset_step(loss_fn, tx, ("head",) if fast_only else None)
+
+
+def subset_step(loss_fn, tx, modules: Optional[tuple[str, ...]]):
+  """Plain optax on the top-level ``modules`` only (all if ``None``).
+
+  Its optimizer state is ``tx.init`` of those modules' parameters.
+  """
 
   def step(params, opt_state, batch):
-    if fast_only:
-      head_loss = lambda head: loss_fn({**params, "head": head}, batch)
-      loss, grads = jax.value_and_grad(head_loss)(params["head"])
-      updates, opt_state = tx.update(grads, opt_state, params["head"])
-      return {**params, "head": optax.apply_updates(params["head"], updates)}, opt_state, loss
+    if modules is not None:
+      sub_loss = lambda sub: loss_fn({**params, **sub}, batch)
+      sub = {name: params[name] for name in modules}
+      loss, grads = jax.value_and_grad(sub_loss)(sub)
+      updates, opt_state = tx.update(grads, opt_state, sub)
+      return ({**params, **optax.apply_updates(sub, updates)}, opt_state,
+              loss)
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
@@ -303,7 +321,7 @@ def bench_model(name: str, batch_size: int, repeats: int, cycles: int,
       "full": core_runner(plain_step(loss_fn, tx, False), copy(params),
                           tx.init(params), batch, block, repeats),
       "fast": core_runner(plain_step(loss_fn, tx, True), copy(params),
-                          tx.init(params["head"]), batch, block, repeats)}
+                          tx.init({"head": params["head"]}), batch, block, repeats)}
 
   def multirate_tx(k):
     return mo.multirate(optax.sgd(LEARNING_RATE / k, momentum=MOMENTUM),
@@ -392,6 +410,104 @@ def bench_model(name: str, batch_size: int, repeats: int, cycles: int,
   return rows, steps
 
 
+# Three rates on the transformer: the head every step, the top two encoder
+# layers every 2 steps, the rest (embeddings, lower layers) every 6.
+GROUP_PERIODS = {"head": 1, "top": 2, "rest": 6}
+GROUP_PATTERNS = {"head": "^head/", "top": "^encoder_(2|3)/"}
+
+
+def bench_groups(name: str, batch_size: int, repeats: int, cycles: int,
+                 dispatches: tuple[str, ...]) -> list[dict]:
+  """Three-rate multirate (:func:`mo.multirate_groups`) against its ideal.
+
+  The ideal time per step is ``sum_phases share * t_phase``, ``share`` the
+  fraction of a cycle's steps in the phase and ``t_phase`` the time of a
+  plain optax step that differentiates and updates the phase's active
+  modules only (as ``t_fast`` is for two rates); a second ideal uses the
+  library's own program of each phase (with drift), run alone, so that its
+  ratio is what switching between programs costs. Rows with and without
+  drift: drift adds the held updates of the inactive groups to every step,
+  work that the plain ideal does not do.
+  """
+  module, params, batch = make_problem(name, batch_size)
+  loss_fn = make_loss(module)
+  tx = optax.sgd(LEARNING_RATE, momentum=MOMENTUM)
+  labels = mo.groups_by_path(GROUP_PATTERNS, default="rest")
+  multi = mo.multirate_groups(tx, labels=labels, periods=GROUP_PERIODS)
+  timetable = mo.find_timetable_state(multi.init(params)).timetable
+  cycle = timetable.cycle
+  shares = [sum(timetable.phase(t) == p for t in range(cycle)) / cycle
+            for p in range(len(timetable.phases))]
+  per_leaf = mo.find_timetable_state(multi.init(params)).labels
+  modules_of_group: dict[str, set[str]] = {}
+  for (path, _), group in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0], per_leaf):
+    modules_of_group.setdefault(group, set()).add(mo.path_str(path[:1]))
+  runners: dict[Any, Runner] = {}
+  for p, active in enumerate(timetable.phases):
+    modules = tuple(sorted(set().union(*(modules_of_group[g] for g in active))))
+    runners["plain", p] = core_runner(
+        subset_step(loss_fn, tx, modules), copy(params),
+        tx.init({m: params[m] for m in modules}), batch, cycle * cycles,
+        repeats)
+  host = mo.train_step(loss_fn, multi, dispatch="host", donate=True)
+  for p in range(len(timetable.phases)):
+    # The very jitted program 'host' dispatch runs for phase p (called as
+    # the dispatch calls it, through jit's fast path; a Compiled object's
+    # own __call__ costs more per call), on every step.
+    program = functools.partial(host._dispatch._phase_program, p)
+    runners["program", p] = core_runner(program, copy(params),
+                                        multi.init(params), batch,
+                                        cycle * cycles, repeats)
+  for dispatch in dispatches:
+    for drift in (True, False):
+      tx_drift = mo.multirate_groups(tx, labels=labels, periods=GROUP_PERIODS,
+                                     drift=drift)
+      runners[dispatch, drift] = core_runner(
+          mo.train_step(loss_fn, tx_drift, dispatch=dispatch, donate=True),
+          copy(params), tx_drift.init(params), batch, cycle * cycles, repeats)
+  times = measure(runners)
+  phases = [dict(groups=sorted(active), share=shares[p],
+                 t_plain_ms=1e3 * times["plain", p],
+                 t_program_ms=1e3 * times["program", p])
+            for p, active in enumerate(timetable.phases)]
+  ideal = sum(ph["share"] * ph["t_plain_ms"] for ph in phases)
+  ideal_programs = sum(ph["share"] * ph["t_program_ms"] for ph in phases)
+  rows = []
+  for dispatch, drift in [(d, drift) for d in dispatches
+                          for drift in (True, False)]:
+    t_step = 1e3 * times[dispatch, drift]
+    rows.append(dict(model=name, dispatch=dispatch, drift=drift,
+                     periods=GROUP_PERIODS,
+                     groups={g: sorted(m) for g, m in modules_of_group.items()},
+                     phases=phases, t_step_ms=t_step, ideal_ms=ideal,
+                     efficiency=ideal / t_step,
+                     ideal_programs_ms=ideal_programs,
+                     efficiency_vs_programs=ideal_programs / t_step,
+                     t_full_ms=phases[0]["t_plain_ms"],
+                     speedup=phases[0]["t_plain_ms"] / t_step, clock=CLOCK,
+                     page_faults_per_step=statistics.median(
+                         runners[dispatch, drift].faults)))
+    print_groups(rows[-1])
+  return rows
+
+
+GROUPS_HEADER = (f"{'model':<12} {'dispatch':<8} {'phase':<22} {'share':>6} "
+                 f"{'plain ms':>9} {'program ms':>10}")
+
+
+def print_groups(r: dict) -> None:
+  for ph in r["phases"] if r["drift"] else ():
+    print(f"{r['model']:<12} {r['dispatch']:<8} {'+'.join(ph['groups']):<22} "
+          f"{ph['share']:>6.3f} {ph['t_plain_ms']:>9.2f} "
+          f"{ph['t_program_ms']:>10.2f}")
+  print(f"{r['model']:<12} {r['dispatch']:<8} three rates {GROUP_PERIODS}, "
+        f"drift {r['drift']}: t_step {r['t_step_ms']:.2f} ms, ideal {r['ideal_ms']:.2f} ms, "
+        f"efficiency {r['efficiency']:.3f} (vs its own phase programs "
+        f"{r['efficiency_vs_programs']:.3f}), speedup over full "
+        f"{r['speedup']:.2f}", flush=True)
+
+
 def bench_bounds(name: str, batch_size: int, repeats: int,
                  dispatches: tuple[str, ...]) -> list[dict]:
   """Each program's time against its lower bound, from the profiler."""
@@ -478,10 +594,19 @@ def main(argv=None) -> list[dict]:
                       help="each program's time against its lower bound")
   parser.add_argument("--bounds-only", action="store_true",
                       help="only the lower bounds (no multirate rows)")
+  parser.add_argument("--groups", action=argparse.BooleanOptionalAction,
+                      default=True,
+                      help="three-rate multirate (multirate_groups) against "
+                      "its ideal, on the transformer")
+  parser.add_argument("--repeats", type=int,
+                      help="timed blocks per variant (default 7, --quick 3)")
+  parser.add_argument("--groups-only", action="store_true",
+                      help="only the three-rate rows")
   args = parser.parse_args(argv)
   global CLOCK
   CLOCK = args.clock
   repeats, cycles = (3, 1) if args.quick else (7, 2)
+  repeats = args.repeats or repeats
   # On CPU a conv net's slow step inside lax.cond takes seconds
   # (jax-ml/jax#12868): measure 'cond' with fewer repeats there.
   on_cpu = jax.default_backend() == "cpu"
@@ -495,6 +620,16 @@ def main(argv=None) -> list[dict]:
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
         f"allocator: LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r} "
         f"MALLOC_CONF={os.environ.get('MALLOC_CONF', '')!r}")
+  groups = []
+  if (args.groups or args.groups_only) and "transformer" in args.models:
+    print(GROUPS_HEADER)
+    groups = bench_groups("transformer", args.batch_size, repeats, cycles,
+                          tuple(args.dispatch))
+  if args.groups_only:
+    write_json(dict(backend=jax.default_backend(), jax_version=jax.__version__,
+                    quick=args.quick, clock=args.clock, groups=groups),
+               args.json)
+    return []
   bounds = []
   if args.bounds or args.bounds_only:
     print(BOUNDS_HEADER)
@@ -523,7 +658,7 @@ def main(argv=None) -> list[dict]:
                   xla_flags=os.environ.get("XLA_FLAGS", ""),
                   ld_preload=os.environ.get("LD_PRELOAD", ""),
                   malloc_conf=os.environ.get("MALLOC_CONF", ""),
-                  steps=steps, bounds=bounds),
+                  steps=steps, bounds=bounds, groups=groups),
              args.json)
   return rows
 

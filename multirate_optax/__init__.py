@@ -26,8 +26,8 @@ from multirate_optax.transforms import (
     depths_by_module, depths_by_path, layerwise_decay)
 from multirate_optax.timetables import (
     freezeout, FreezeOutTimetable, full_weights, gradual_unfreezing,
-    in_slow_steps, keep_frozen, layers_by_module, multirate,
-    MultirateTimetable, random_subgroups, random_subgroups_state,
+    in_slow_steps, keep_frozen, layers_by_module, multirate, multirate_groups,
+    MultirateGroupsTimetable, MultirateTimetable, random_subgroups, random_subgroups_state,
     RandomSubgroupsState, RandomSubgroupsTimetable, UnfreezingTimetable)
 
 __version__ = "0.1.0"
@@ -67,6 +67,8 @@ __all__ = (
     "layers_by_module",
     "layerwise_decay",
     "multirate",
+    "multirate_groups",
+    "MultirateGroupsTimetable",
     "MultirateTimetable",
     "path_str",
     "predicted_speedup",

@@ -1,7 +1,7 @@
 """The timetabled methods: which groups train when, as optax transformations.
 
 * Multirate (Vlaar & Leimkuhler, 2022): fast groups every step, slow groups
-  every ``period`` steps.
+  every ``period`` steps; with any number of groups, each on its own period.
 * FreezeOut (Brock et al., 2017): per-layer cosine rates, layers frozen in
   order.
 * Random subgroups: multirate with a random elementwise slow subset, redrawn
@@ -18,6 +18,8 @@ from multirate_optax.timetables._freezeout import (
     FreezeOutTimetable, freezeout, keep_frozen, layers_by_module)
 from multirate_optax.timetables._multirate import (
     MultirateTimetable, in_slow_steps, multirate)
+from multirate_optax.timetables._multirate_groups import (
+    MultirateGroupsTimetable, multirate_groups)
 from multirate_optax.timetables._random_subgroups import (
     RandomSubgroupsState, RandomSubgroupsTimetable, full_weights,
     random_subgroups, random_subgroups_state)
@@ -33,6 +35,8 @@ __all__ = (
     "keep_frozen",
     "layers_by_module",
     "multirate",
+    "multirate_groups",
+    "MultirateGroupsTimetable",
     "MultirateTimetable",
     "random_subgroups",
     "random_subgroups_state",

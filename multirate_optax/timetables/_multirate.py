@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import warnings
-from typing import Literal, Optional
+from collections.abc import Mapping
+from typing import Literal, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -191,18 +192,63 @@ def multirate(
             "called with the step count.)")
     return resolved
 
-  def groups(count, active):
-    slow_step = (None if count is None else
-                 True if timetable.period == 1 else
-                 SLOW in active if active is not None else
-                 timetable.is_slow_step(count))
-    slow_optimizer = (slow if count is None or slow_schedule_steps == "slow"
-                      else _schedules_at(slow, count))
-    return {FAST: fast,
-            SLOW: gated(slow_optimizer, slow_step, scale=slow_scale,
-                        hold=drift)}
+  rates = {
+      FAST: Rate(fast, period=1),
+      SLOW: Rate(slow, period=timetable.period, gated=True, scale=slow_scale,
+                 hold=drift, global_schedules=slow_schedule_steps == "global"),
+  }
+  return timetabled(timetable, labels=labels_of, groups=rate_groups(rates))
 
-  return timetabled(timetable, labels=labels_of, groups=groups)
+
+@dataclasses.dataclass(frozen=True)
+class Rate:
+  """How one group of a multirate transformation trains.
+
+  Attributes:
+    optimizer: the group's optimizer.
+    period: the group is updated on steps ``t`` with ``t % period == 0``.
+    gated: wrap the optimizer in :func:`gated` (zero or held updates and an
+      untouched state off its steps, ``scale`` on its updates); ``False``
+      (period 1 and scale 1 only) uses the optimizer itself on every step,
+      its state as ``optimizer.init`` makes it.
+    scale: the factor on the group's updates.
+    hold: repeat the update on the steps up to the next one (linear drift).
+    global_schedules: the optimizer's schedules see the global step (see
+      :func:`_schedules_at`) rather than the group's own updates.
+  """
+
+  optimizer: optax.GradientTransformation
+  period: int
+  gated: bool = False
+  scale: Union[float, jax.Array] = 1.0
+  hold: bool = False
+  global_schedules: bool = False
+
+
+def rate_groups(rates: Mapping[str, Rate]):
+  """The ``groups`` argument of :func:`timetabled` for groups on their periods.
+
+  The one mechanism of :func:`multirate` (two groups) and
+  :func:`~multirate_optax.multirate_groups` (any number).
+  """
+
+  def groups(count, active):
+    optimizers = {}
+    for name, rate in rates.items():
+      if not rate.gated:
+        optimizers[name] = rate.optimizer
+        continue
+      on = (None if count is None else
+            True if rate.period == 1 else
+            name in active if active is not None else
+            count % rate.period == 0)
+      optimizer = (rate.optimizer
+                   if count is None or not rate.global_schedules
+                   else _schedules_at(rate.optimizer, count))
+      optimizers[name] = gated(optimizer, on, scale=rate.scale, hold=rate.hold)
+    return optimizers
+
+  return groups
 
 
 # The optax states whose count is the step their schedules are evaluated at.

@@ -61,6 +61,24 @@ def test_step_speed_writes_its_table_as_json(tmp_path, capsys):
   for s in steps:
     assert s["t_core_ms"] == core["t_step_ms"]
     assert s["vs_core"] == pytest.approx(s["t_step_ms"] / s["t_core_ms"])
+  # Three rates (head 1, top encoder layers 2, the rest 6) against the sum
+  # over its phases of share * time of a plain step of the phase's modules.
+  groups = report["groups"]
+  assert [(g["dispatch"], g["drift"]) for g in groups] == [
+      ("host", True), ("host", False), ("cond", True), ("cond", False)]
+  for g in groups:
+    assert g["periods"] == {"head": 1, "top": 2, "rest": 6}
+    assert g["groups"]["top"] == ["encoder_2", "encoder_3"]
+    assert [(ph["groups"], ph["share"]) for ph in g["phases"]] == [
+        (["head", "rest", "top"], pytest.approx(1 / 6)),
+        (["head"], pytest.approx(1 / 2)), (["head", "top"], pytest.approx(1 / 3))]
+    assert g["ideal_ms"] == pytest.approx(
+        sum(ph["share"] * ph["t_plain_ms"] for ph in g["phases"]))
+    assert g["efficiency"] == pytest.approx(g["ideal_ms"] / g["t_step_ms"])
+    assert g["efficiency_vs_programs"] == pytest.approx(
+        sum(ph["share"] * ph["t_program_ms"] for ph in g["phases"])
+        / g["t_step_ms"])
+  assert "three rates" in out
 
 
 # --- The PyTorch peer's recipe, on a tiny model. ---
