@@ -279,8 +279,8 @@ class TrainStep:
   """A multirate train step on an ``nnx.Module`` and its ``nnx.Optimizer``.
 
   Call it as ``value = step(model, optimizer, *args)``; it updates ``model``
-  and ``optimizer`` in place and returns what ``loss_fn(model, *args)``
-  returns. Build it with :func:`train_step`.
+  and ``optimizer`` (and the graph nodes among ``args``) in place and returns
+  what ``loss_fn(model, *args)`` returns. Build it with :func:`train_step`.
 
   The phase comes from the count of the timetable state inside
   ``optimizer``, as in :class:`multirate_optax.TrainStep`, with the same
@@ -410,6 +410,14 @@ def train_step(
   parameter under ``wrt`` is differentiated, on fast steps only the fast ones;
   the optimizer sees zeros for the rest, which multirate ignores.
 
+  NNX graph nodes among the extra arguments (``nnx.Rngs`` for dropout, an
+  ``nnx.MultiMetric``, another module; anywhere in the arguments' pytrees)
+  are handled as ``nnx.jit`` handles them: split to state with the model
+  before the compiled program, merged inside it, and their new state written
+  back after the step, on fast and slow steps alike, so rng streams advance
+  and metrics update in place. A variable the model and a node share is one
+  variable. Their state is carried through the program, not differentiated.
+
   Args:
     loss_fn: ``loss_fn(model, *args) -> loss`` or ``(loss, aux)``.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
@@ -447,5 +455,18 @@ def train_step(
     ...   loss = step(model, optimizer, x, y)
     >>> int(optimizer.step[...])
     8
+
+    Rng streams and metrics given to the step update in place:
+
+    >>> def dropout_loss(model, x, y, rngs, metrics):
+    ...   loss = loss_fn(model, nnx.Dropout(0.5)(x, rngs=rngs), y)
+    ...   metrics.update(loss=loss)
+    ...   return loss
+    >>> dropout_step = mo.nnx.train_step(dropout_loss)
+    >>> rngs, metrics = nnx.Rngs(dropout=1), nnx.metrics.Average('loss')
+    >>> for _ in range(3):
+    ...   loss = dropout_step(model, optimizer, x, y, rngs, metrics)
+    >>> int(rngs.dropout.count[...]), int(metrics.count[...])
+    (3, 3)
   """
   return TrainStep(loss_fn, has_aux=has_aux, dispatch=dispatch, donate=donate)
