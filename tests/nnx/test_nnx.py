@@ -408,6 +408,25 @@ def test_graph_node_arguments_follow_a_hand_written_nnx_loop():
   chex.assert_trees_all_equal(results["cond"], results["host"])
 
 
+def test_graph_node_arguments_through_apply_inside_nnx_jit():
+  period, data = 3, batches(6)
+  want_rngs, want_metrics = nnx.Rngs(dropout=1), new_metrics()
+  expected = hand_written_nnx_loop(
+      DropoutMLP(), dropout_loss, data,
+      lambda batch: (batch, want_rngs, want_metrics), period)
+  model, rngs, metrics = DropoutMLP(), nnx.Rngs(dropout=1), new_metrics()
+  optimizer = nnx.Optimizer(model, multirate_tx(period), wrt=nnx.Param)
+  step = nnx.jit(mo.nnx.train_step(dropout_loss, dispatch="cond").apply)
+  history = []
+  for batch in data:
+    step(model, optimizer, batch, rngs, metrics)
+    history.append(params_now(model))
+  chex.assert_trees_all_close(history, expected, rtol=1e-5, atol=1e-6)
+  assert int(rngs.dropout.count[...]) == int(want_rngs.dropout.count[...])
+  np.testing.assert_allclose(metrics.compute()["loss"],
+                             want_metrics.compute()["loss"], rtol=1e-5)
+
+
 class DistilledNet(StoredRngNet):
   """StoredRngNet whose loss also uses a teacher and the model's own rng
   stream, both given to the step as arguments, nested in a tuple."""
