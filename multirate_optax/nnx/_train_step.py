@@ -178,8 +178,9 @@ class _Split(NamedTuple):
   arguments. ``variables`` lists the variables of the four in that order, so
   that a call reads and writes their values in a flat loop instead of
   traversing the module graph (``nnx.split`` costs several times the core
-  step's dispatch on a small model). ``attributes`` is what the split saw of
-  every mutable node of the graph, to tell when it no longer holds.
+  step's dispatch on a small model). ``dicts`` and ``lists`` are what the
+  split saw of every mutable node of the graph, to tell when it no longer
+  holds.
   """
 
   model: nnx.Module
@@ -198,7 +199,8 @@ class _Split(NamedTuple):
                 where: Optional[_NodesAt], nodes: tuple[Any, ...]) -> bool:
     return (model is self.model and optimizer is self.optimizer
             and where == self.where
-            and all(a is b for a, b in zip(nodes, self.nodes, strict=True))
+            and len(nodes) == len(self.nodes)
+            and all(a is b for a, b in zip(nodes, self.nodes))
             and all(tuple(members) == keys
                     and tuple(map(id, members.values())) == ids
                     for members, keys, ids in self.dicts)
