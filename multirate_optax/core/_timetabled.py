@@ -314,8 +314,10 @@ def _check_inner_state(found: Any, expected: Any, tree: PyTree) -> None:
            else [(None, found, expected)])
   differ = []
   for group, f, e in parts:
-    difference = _first_difference(jax.tree.structure(f),
-                                   jax.tree.structure(e))
+    f_structure, e_structure = jax.tree.structure(f), jax.tree.structure(e)
+    if f_structure == e_structure:
+      continue  # The common case, compared in C++.
+    difference = _first_difference(f_structure, e_structure)
     if difference is not None:
       where, f_node, e_node = difference
       differ.append(
