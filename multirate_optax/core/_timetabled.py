@@ -178,20 +178,25 @@ def timetabled(
 
   def inner_of_init(tree: PyTree, per_leaf: tuple[str, ...]) -> Any:
     leaves, treedef = jax.tree.flatten(tree)
-    key = (treedef, per_leaf,
-           tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
-    if key not in made_by_init:
-      abstract = jax.tree.unflatten(treedef, [
-          jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
-          for x in leaves])
-      try:
-        made_by_init[key] = jax.eval_shape(
-            partition(None, None, per_leaf).init, abstract)
-      except Exception:  # pylint: disable=broad-except
-        # An init that reads values (not traceable): nothing to compare
-        # with; the update itself says what is wrong, if anything.
-        made_by_init[key] = None
-    return made_by_init[key]
+    specs = [(jnp.shape(x), jnp.result_type(x)) for x in leaves]
+    key = (treedef, per_leaf, tuple(specs))
+    try:
+      return made_by_init[key]
+    except KeyError:
+      pass
+    except TypeError:  # A tree with unhashable static data: not kept.
+      key = None
+    abstract = jax.tree.unflatten(
+        treedef, [jax.ShapeDtypeStruct(*spec) for spec in specs])
+    try:
+      inner = jax.eval_shape(partition(None, None, per_leaf).init, abstract)
+    except Exception:  # pylint: disable=broad-except
+      # An init that reads values (not traceable): nothing to compare with;
+      # the update itself says what is wrong, if anything.
+      inner = None
+    if key is not None:
+      made_by_init[key] = inner
+    return inner
 
   def update_fn(updates, state, params=None, **extra_args):
     tree = updates if params is None else params
