@@ -344,11 +344,12 @@ def dropout_loss(model, batch, rngs, metrics):
 def hand_written_nnx_loop(model, loss_fn, data, args_of, period):
   """The published algorithm (tests/_reference.py) on an NNX model, its
   gradients of all parameters from a plain ``nnx.jit`` step with
-  ``nnx.grad``, which advances the graph nodes of ``args_of(batch)``."""
+  ``nnx.value_and_grad``, which advances the graph nodes of
+  ``args_of(batch)``."""
 
   @nnx.jit
   def grads_of(model, *args):
-    return nnx.grad(loss_fn)(model, *args)
+    return nnx.value_and_grad(loss_fn)(model, *args)[1]
 
   def grad_fn(params, batch):
     state = nnx.state(model, nnx.Param)
@@ -450,8 +451,9 @@ def test_graph_node_arguments_shared_with_the_model_and_nested():
   def teacher():
     return nnx.Linear(6, 3, rngs=nnx.Rngs(5))
 
-  # nnx.grad refuses a variable both in its differentiated argument and in
-  # another: the hand loop's loss reaches the stream through the model.
+  # nnx.value_and_grad refuses a variable both in its differentiated
+  # argument and in another: the hand loop's loss reaches the stream through
+  # the model.
   want_model, want_teacher = DistilledNet(), teacher()
   expected = hand_written_nnx_loop(
       want_model,
