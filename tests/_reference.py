@@ -12,7 +12,7 @@ from multirate_optax import path_str
 
 
 def multirate_sgd(params, loss_fn, batches, *, h, momentum, period, drift,
-                  is_fast, clip_norm=None):
+                  is_fast, clip_norm=None, grad_fn=None):
   """Runs the published algorithm; returns the parameters after every step.
 
   if t % k == 0:  p_S = mu p_S + g_S;  p_F = mu p_F + g_F;  th_F -= (h/k) p_F
@@ -21,9 +21,13 @@ def multirate_sgd(params, loss_fn, batches, *, h, momentum, period, drift,
                   (drift: th_S -= (h/k) p_S with the held p_S)
 
   ``clip_norm`` clips the gradients that the step uses (fast ones on fast
-  steps, all on slow steps) to that global norm first.
+  steps, all on slow steps) to that global norm first. ``grad_fn(params,
+  batch)``, if given, replaces ``jax.grad(loss_fn)``: the gradients of all
+  parameters, called once per step in order (a stateful one, an NNX model's
+  whose rng streams and metrics advance, is used as it is).
   """
-  grad_fn = jax.jit(jax.grad(loss_fn))
+  if grad_fn is None:
+    grad_fn = jax.jit(jax.grad(loss_fn))
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   paths = [path_str(p) for p, _ in flat]
   theta = {p: np.asarray(v, np.float32).copy() for p, (_, v) in zip(paths, flat)}

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import json
 import os
-from collections.abc import Iterable, Mapping
+import re
+import threading
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Optional, Union
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint._src import asyncio_utils
 
 from multirate_optax.core._groups import path_str
 from multirate_optax.budgeted._reparametrized import (
@@ -165,8 +172,9 @@ def _restore(manager: ocp.CheckpointManager, target: PyTree,
       raise FileNotFoundError(f"no checkpoint in {manager.directory}.")
   where = f"the checkpoint of step {step} in {manager.directory}"
   try:
-    found = manager.restore(step, args=ocp.args.Composite(**{
-        MULTIRATE_ITEM: ocp.args.JsonRestore()}))[MULTIRATE_ITEM]
+    with _reads_finish_before_their_loop_closes():
+      found = manager.restore(step, args=ocp.args.Composite(**{
+          MULTIRATE_ITEM: ocp.args.JsonRestore()}))[MULTIRATE_ITEM]
   except KeyError as e:  # Orbax's error for an item the checkpoint lacks.
     if MULTIRATE_ITEM not in str(e):
       raise
@@ -180,8 +188,119 @@ def _restore(manager: ocp.CheckpointManager, target: PyTree,
         f"{_metadata_file(manager, step)} ({type(e).__name__}: {e}): the file "
         "is damaged; restore another step.") from e
   _check_same_timetable(expected, found, where, _metadata_file(manager, step))
-  return manager.restore(step, args=ocp.args.Composite(**{
-      STATE_ITEM: ocp.args.StandardRestore(target)}))[STATE_ITEM]
+  try:
+    with _reads_finish_before_their_loop_closes():
+      return manager.restore(step, args=ocp.args.Composite(**{
+          STATE_ITEM: ocp.args.StandardRestore(target)}))[STATE_ITEM]
+  except (ValueError, UnicodeDecodeError) as e:  # json's errors included.
+    damaged = _damaged_json_files(manager.directory / str(step))
+    if damaged:
+      raise ValueError(
+          f"{where} has damaged orbax metadata in {', '.join(damaged)} "
+          f"({type(e).__name__}: {str(e)[:200]}): the file is truncated or "
+          "corrupted; restore another step "
+          f"({_other_steps(manager, step)}).") from e
+    # Tensorstore's errors: 'DATA_LOSS: ... Error reading "<array>/.zarray"
+    # ... local file "<the file it could not decode or read>"...'.
+    unreadable = re.match(r"([A-Z_]+): .*?Error reading \"([^\"/]+)", str(e))
+    if unreadable:
+      code, array = unreadable.groups()
+      files = re.findall(r'local file \"([^\"]*[^/\"])\"', str(e))
+      file = files[0] if files else os.fspath(
+          manager.directory / str(step) / STATE_ITEM)
+      raise ValueError(
+          f"{where} holds array data that cannot be read: {code} in {file} "
+          f"(reading {array!r}): the file is truncated or corrupted; restore "
+          f"another step ({_other_steps(manager, step)}).") from e
+    raise
+
+
+def _other_steps(manager: ocp.CheckpointManager, step: int) -> str:
+  others = [s for s in manager.all_steps() if s != step]
+  return (f"the directory holds steps {others}, restore(..., step=N)"
+          if others else "the directory holds no other step")
+
+
+# Orbax's metadata files that hold JSON, in a step's directory and its items'.
+_JSON_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding", "metadata")
+
+
+def _damaged_json_files(step_directory: epath.Path) -> list[str]:
+  """The orbax JSON metadata files in a step's directory that do not parse."""
+  candidates = [step_directory / "_CHECKPOINT_METADATA"]
+  if step_directory.is_dir():
+    for item in sorted(step_directory.iterdir()):
+      if item.is_dir():
+        candidates += [item / name for name in _JSON_FILES[1:]]
+        if (item / "array_metadatas").is_dir():
+          candidates += sorted((item / "array_metadatas").iterdir())
+  damaged = []
+  for file in candidates:
+    if not file.is_file():
+      continue
+    try:
+      json.loads(file.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+      damaged.append(os.fspath(file))
+  return damaged
+
+
+# Orbax's function that runs a restore's coroutine on a new event loop, and
+# how many restores run with it replaced (see below).
+_ORBAX_RUN = getattr(asyncio_utils, "_run_sync_via_new_loop", None)
+_LOOP_PATCH = threading.Lock()
+_LOOP_PATCH_DEPTH = [0]
+
+
+def _run_until_every_task_is_done(coro: Any) -> Any:
+  """Orbax's ``asyncio_utils._run_sync_via_new_loop``, but the loop is closed
+  only once every task the coroutine started is done.
+
+  When one read of a restore fails, orbax's gather returns the error at once
+  and its loop is closed while the other reads are still in flight;
+  tensorstore then delivers their results to the closed loop from its own
+  threads, and each delivery prints a "RuntimeError: Event loop is closed"
+  traceback. The other reads of a damaged checkpoint fail too: their errors,
+  which no one awaits once the first is raised, are not logged either.
+  """
+  loop = asyncio.new_event_loop()
+  loop.set_exception_handler(_unretrieved_errors_dropped)
+  try:
+    asyncio.set_event_loop(loop)
+    return loop.run_until_complete(coro)
+  finally:
+    try:
+      while pending := asyncio.all_tasks(loop):
+        loop.run_until_complete(
+            asyncio.gather(*pending, return_exceptions=True))
+    finally:
+      asyncio.set_event_loop(None)
+      loop.close()
+
+
+def _unretrieved_errors_dropped(loop: asyncio.AbstractEventLoop,
+                                context: dict[str, Any]) -> None:
+  if context.get("message") != "Task exception was never retrieved":
+    loop.default_exception_handler(context)
+
+
+@contextlib.contextmanager
+def _reads_finish_before_their_loop_closes() -> Iterator[None]:
+  """Inside, orbax's reads run on loops that outlive them (see
+  :func:`_run_until_every_task_is_done`); a no-op if orbax has changed."""
+  if _ORBAX_RUN is None:
+    yield
+    return
+  with _LOOP_PATCH:
+    _LOOP_PATCH_DEPTH[0] += 1
+    asyncio_utils._run_sync_via_new_loop = _run_until_every_task_is_done
+  try:
+    yield
+  finally:
+    with _LOOP_PATCH:
+      _LOOP_PATCH_DEPTH[0] -= 1
+      if _LOOP_PATCH_DEPTH[0] == 0:
+        asyncio_utils._run_sync_via_new_loop = _ORBAX_RUN
 
 
 def _metadata_file(manager: ocp.CheckpointManager, step: int) -> str:
@@ -386,7 +505,8 @@ def load_transfer(path: Union[str, os.PathLike], base_params: PyTree) -> PyTree:
     holds layer 'b/kernel' with shape (2, 2), but the base parameters have shape (3, 2) there
   """
   path = _absolute(path)
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+  with (ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer,
+        _reads_finish_before_their_loop_closes()):
     try:
       metadata = checkpointer.restore(path, args=ocp.args.Composite(**{
           TRANSFER_ITEM: ocp.args.JsonRestore()}))[TRANSFER_ITEM]

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from multirate_optax.core._groups import labels_like, leaf_paths
+from multirate_optax.core._groups import labels_like, leaf_paths, path_str
 from multirate_optax.core._timetable import Timetable, TimetableState
 
 PyTree = Any
@@ -193,9 +193,37 @@ def timetabled(
     return TimetableState(count=jnp.zeros([], jnp.int32), inner=inner,
                           timetable=timetable, labels=per_leaf)
 
+  # The inner state init would build, by the parameters' structure, shapes
+  # and dtypes and the labels: found once per trace (jax.eval_shape, no
+  # computation), to check the state given to update.
+  made_by_init: dict[Any, Any] = {}
+
+  def inner_of_init(tree: PyTree, per_leaf: tuple[str, ...]) -> Any:
+    leaves, treedef = jax.tree.flatten(tree)
+    specs = [(jnp.shape(x), jnp.result_type(x)) for x in leaves]
+    key = (treedef, per_leaf, tuple(specs))
+    try:
+      return made_by_init[key]
+    except KeyError:
+      pass
+    except TypeError:  # A tree with unhashable static data: not kept.
+      key = None
+    abstract = jax.tree.unflatten(
+        treedef, [jax.ShapeDtypeStruct(*spec) for spec in specs])
+    try:
+      inner = jax.eval_shape(partition(None, None, per_leaf).init, abstract)
+    except Exception:  # pylint: disable=broad-except
+      # An init that reads values (not traceable): nothing to compare with;
+      # the update itself says what is wrong, if anything.
+      inner = None
+    if key is not None:
+      made_by_init[key] = inner
+    return inner
+
   def update_fn(updates, state, params=None, **extra_args):
-    _check_made_here(state, timetable, labels_of,
-                     updates if params is None else params)
+    tree = updates if params is None else params
+    _check_made_here(state, timetable, labels_of, tree)
+    _check_inner_state(state.inner, inner_of_init(tree, state.labels), tree)
     active = _active_in_traced_phase(timetable)
     updates, inner = partition(state.count, active, state.labels).update(
         updates, state.inner, params, **extra_args)
@@ -235,3 +263,126 @@ def _check_made_here(state: Any, timetable: Timetable,
         f"gives the parameters ({len(differ)} of {found} leaves differ: "
         f"{'; '.join(differ[:5])}{'; ...' if len(differ) > 5 else ''}). "
         + advice)
+
+
+def _is_leaf(treedef: jax.tree_util.PyTreeDef) -> bool:
+  # Not jax.tree_util.treedef_is_leaf: that is true of an empty node too
+  # (optax.EmptyState).
+  return treedef.num_nodes == 1 and treedef.num_leaves == 1
+
+
+def _node(treedef: jax.tree_util.PyTreeDef) -> tuple[Any, Any, int]:
+  """A tree's root node: its type (lists as tuples: a restored checkpoint may
+  hold either), static data and number of children; ``None`` for a leaf."""
+  if _is_leaf(treedef):
+    return None
+  kind, data = treedef.node_data()
+  return (tuple if kind is list else kind), data, len(treedef.children())
+
+
+def _child_names(treedef: jax.tree_util.PyTreeDef) -> list[str]:
+  kind, data = treedef.node_data()
+  if isinstance(data, (list, tuple)) and len(data) == len(treedef.children()):
+    return [str(k) for k in data]  # A dict's keys.
+  fields = getattr(kind, "_fields", None)
+  if fields is not None and len(fields) == len(treedef.children()):
+    return list(fields)
+  return [str(i) for i in range(len(treedef.children()))]
+
+
+def _describe(treedef: jax.tree_util.PyTreeDef, depth: int = 2) -> str:
+  """A short description of a state's structure: its node types."""
+  if _is_leaf(treedef):
+    return "array"
+  kind, _ = treedef.node_data()
+  if kind in (tuple, list) or depth == 0:
+    if kind not in (tuple, list):
+      return kind.__name__
+    inner = ", ".join(_describe(c, depth - 1) for c in treedef.children())
+    return f"({inner})" if depth else f"{kind.__name__}(...)"
+  if kind is dict:
+    names = _child_names(treedef)
+    return "{" + ", ".join(names[:4]) + (", ..." if len(names) > 4 else "") + "}"
+  return kind.__name__
+
+
+def _first_difference(found: jax.tree_util.PyTreeDef,
+                      expected: jax.tree_util.PyTreeDef,
+                      path: tuple[str, ...] = ()) -> Optional[tuple[Any, ...]]:
+  """``(path, found, expected)`` at the first node where two structures
+  differ (lists and tuples alike), or ``None`` if they do not."""
+  if _node(found) != _node(expected):
+    return path, found, expected
+  if _node(found) is None:
+    return None
+  for name, f, e in zip(_child_names(expected), found.children(),
+                        expected.children()):
+    difference = _first_difference(f, e, (*path, name))
+    if difference is not None:
+      return difference
+  return None
+
+
+def _check_inner_state(found: Any, expected: Any, tree: PyTree) -> None:
+  """Raises if the groups' optimizer state ``found`` is not what this
+  transformation's init makes for ``tree`` (``expected``, abstract): a state
+  of other inner optimizers, or of parameters of other shapes."""
+  if expected is None:
+    return
+  advice = ("Make the state with this optimizer's init (tx.init(params)), or "
+            "build the optimizer with the inner optimizers that made it (a "
+            "checkpoint restored with the optimizer that wrote it).")
+  per_group = (isinstance(found, optax.PartitionState)
+               and isinstance(expected, optax.PartitionState)
+               and isinstance(found.inner_states, Mapping)
+               and set(found.inner_states) == set(expected.inner_states))
+  parts = ([(g, found.inner_states[g], expected.inner_states[g])
+            for g in expected.inner_states] if per_group
+           else [(None, found, expected)])
+  differ = []
+  for group, f, e in parts:
+    f_structure, e_structure = jax.tree.structure(f), jax.tree.structure(e)
+    if f_structure == e_structure:
+      continue  # The common case, compared in C++.
+    difference = _first_difference(f_structure, e_structure)
+    if difference is not None:
+      where, f_node, e_node = difference
+      differ.append(
+          (f"group {group!r}: " if group is not None else "")
+          + f"the state holds {_describe(f_node)} where this optimizer's "
+          f"init makes {_describe(e_node)}"
+          + (f" (at {'/'.join(where)})" if where else ""))
+  if differ:
+    raise TypeError(
+        "the optimizer state was made by a transformation with other inner "
+        "optimizers than this one: " + "; ".join(differ) + ". " + advice)
+  _check_state_shapes(found, expected, tree)
+
+
+def _check_state_shapes(found: Any, expected: Any, tree: PyTree) -> None:
+  """Raises, naming the parameters, if ``found``'s leaves have other shapes
+  than ``expected``'s (the state of parameters of other shapes)."""
+  found_leaves = jax.tree_util.tree_flatten_with_path(found)[0]
+  expected_leaves = jax.tree.leaves(expected)
+  param_paths = leaf_paths(tree)
+  differ: dict[str, tuple[Any, Any]] = {}
+  for (path, f), e in zip(found_leaves, expected_leaves, strict=True):
+    if tuple(jnp.shape(f)) == tuple(e.shape):
+      continue
+    state_path = path_str(path)
+    # The parameter whose path ends the state leaf's (mu/head/w: head/w).
+    owners = [p for p in param_paths
+              if state_path == p or state_path.endswith("/" + p)]
+    name = (f"parameter {max(owners, key=len)!r}" if owners
+            else f"state leaf {state_path!r}")
+    differ.setdefault(name, (tuple(e.shape), tuple(jnp.shape(f))))
+  if differ:
+    listed = [f"{name} has shape {got}, the state was made for {made}"
+              for name, (got, made) in differ.items()]
+    raise ValueError(
+        "the parameters do not have the shapes the optimizer state was made "
+        f"for: {'; '.join(listed[:5])}{'; ...' if len(listed) > 5 else ''}. "
+        "Call this optimizer's init on these parameters for a new state, or "
+        "pass the parameters the state was made for (a model of the same "
+        "sizes, the checkpoint's parameters).")
+

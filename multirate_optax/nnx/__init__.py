@@ -13,6 +13,9 @@ recommend where speed matters, then writes the results back: the dispatch
 (``'cond'``/``'host'``), compilation and refusals are the core's. The split is
 kept from call to call (a call reads and writes the variables' values in a
 flat loop) and made again when the model's or optimizer's structure changes.
+Graph nodes among the step's other arguments (``nnx.Rngs``, metrics, other
+modules) are split with the model and written back after the step, as
+``nnx.jit`` does.
 
 As with Linen (see :mod:`multirate_optax.linen`), the forward pass runs in full
 on every step: BatchNorm running statistics and rng streams advance on fast

@@ -10,12 +10,12 @@ import jax
 import optax
 from flax import nnx
 from flax.training.dynamic_scale import DynamicScale
+from flax.nnx import graphlib
 
 from multirate_optax.core._dispatch import Dispatch, PhaseDispatch, resolve_dispatch
 from multirate_optax.core._gradients import (
     checked_loss, check_loss_signature, describe, value_and_active_grad)
 from multirate_optax.core._groups import FAST, SLOW
-from multirate_optax.nnx._jit import jit, value_and_grad
 from multirate_optax.core._timetable import find_timetable_state
 from multirate_optax.core._train_step import loss_scaled_update
 
@@ -84,22 +84,111 @@ def fast_by_filter(
   return labels
 
 
+def _is_graph_node(x: Any) -> bool:
+  """Whether ``nnx.jit`` would split ``x`` into state: a graph node (a module,
+  rng streams, metrics, an optimizer) or a variable."""
+  return type(x) in graphlib.GRAPH_REGISTRY or isinstance(x, nnx.Variable)
+
+
+class _NodesAt(NamedTuple):
+  """Where the graph nodes are among a step's extra arguments.
+
+  ``structure`` is the arguments' tree structure with each graph node a leaf,
+  ``leaves`` the indices of those leaves. The step's program is given the
+  arguments with ``None`` in the nodes' places and the nodes' state with the
+  model's (see :func:`_split`), and merges them back into their places.
+  """
+
+  structure: jax.tree_util.PyTreeDef
+  leaves: tuple[int, ...]
+
+  def take(self, args: tuple[Any, ...]) -> tuple[tuple[Any, ...],
+                                                 tuple[Any, ...]]:
+    """The graph nodes in ``args``, and ``args`` with ``None`` in their places."""
+    leaves = self.structure.flatten_up_to(args)
+    nodes = tuple(leaves[i] for i in self.leaves)
+    for i in self.leaves:
+      leaves[i] = None
+    return nodes, self.structure.unflatten(leaves)
+
+  def put(self, args: tuple[Any, ...],
+          nodes: Sequence[Any]) -> tuple[Any, ...]:
+    """``args`` with ``nodes`` back in their places."""
+    leaves = self.structure.flatten_up_to(args)
+    for i, node in zip(self.leaves, nodes, strict=True):
+      leaves[i] = node
+    return self.structure.unflatten(leaves)
+
+
+def _nodes_at(args: tuple[Any, ...]) -> Optional[_NodesAt]:
+  """Where the graph nodes in ``args`` are, as ``nnx.jit`` finds them; ``None``
+  if there are none."""
+  leaves, structure = jax.tree.flatten(args, is_leaf=_is_graph_node)
+  found = tuple(i for i, leaf in enumerate(leaves) if _is_graph_node(leaf))
+  return _NodesAt(structure, found) if found else None
+
+
+class _GraphArgs:
+  """Finds the graph nodes among a step's extra arguments, by the arguments'
+  tree structure (read in C++, a fraction of a microsecond for a batch)."""
+
+  def __init__(self):
+    self._found: dict[jax.tree_util.PyTreeDef, Optional[_NodesAt]] = {}
+
+  def __call__(self, args: tuple[Any, ...]) -> tuple[
+      Optional[_NodesAt], tuple[Any, ...], tuple[Any, ...]]:
+    """Where the graph nodes are, the nodes, and ``args`` without them."""
+    structure = jax.tree.structure(args)
+    try:
+      where = self._found.get(structure, False)
+      if where is False:
+        where = self._found[structure] = _nodes_at(args)
+    except TypeError:  # A structure with unhashable static data.
+      where = _nodes_at(args)
+    if where is None:
+      return None, (), args
+    nodes, args = where.take(args)
+    return where, nodes, args
+
+
+def _in_model(path: tuple[Any, ...], _: Any) -> bool:
+  """Whether a path of the split ``(model, nodes)`` is in the model."""
+  return path[0] == 0
+
+
+def _params_filter(wrt: nnx.filterlib.Filter) -> nnx.filterlib.Filter:
+  """The model's parameters under ``wrt``, in the split ``(model, nodes)``.
+
+  A variable shared by the model and a node is the model's (the first path
+  ``nnx.split`` finds), so it is one variable, in one place, as under
+  ``nnx.jit``.
+  """
+  return nnx.All(wrt, _in_model)
+
+
 class _Split(NamedTuple):
-  """A model and optimizer split into the step's pure arguments, kept.
+  """A model, optimizer and graph-node arguments split into the step's pure
+  arguments, kept.
 
   The step's arguments are ``(params, opt_state, rest, count)``: ``params`` and
   ``rest`` as flat lists of the variables' values (rebuilt into states inside
   the traced step, so a call flattens no ``nnx.State``), ``opt_state`` as the
-  optimizer's pure state (the dispatch reads its count). ``variables`` lists
-  the variables of the four in that order, so that a call reads and writes
-  their values in a flat loop instead of traversing the module graph
-  (``nnx.split`` costs several times the core step's dispatch on a small
-  model). ``attributes`` is what the split saw of every mutable node of the
-  graph, to tell when it no longer holds.
+  optimizer's pure state (the dispatch reads its count). ``rest`` holds the
+  model's other variables and those of the graph nodes among the step's extra
+  arguments (``nodes``, found at ``where``: rng streams, metrics, other
+  modules), which are split with the model as ``nnx.jit`` splits its
+  arguments. ``variables`` lists the variables of the four in that order, so
+  that a call reads and writes their values in a flat loop instead of
+  traversing the module graph (``nnx.split`` costs several times the core
+  step's dispatch on a small model). ``dicts`` and ``lists`` are what the
+  split saw of every mutable node of the graph, to tell when it no longer
+  holds.
   """
 
   model: nnx.Module
   optimizer: nnx.Optimizer
+  where: Optional[_NodesAt]
+  nodes: tuple[Any, ...]
   graphdef: nnx.GraphDef
   params: jax.tree_util.PyTreeDef
   opt_state: jax.tree_util.PyTreeDef
@@ -108,8 +197,12 @@ class _Split(NamedTuple):
   dicts: list[tuple[dict[Any, Any], tuple[Any, ...], tuple[int, ...]]]
   lists: list[tuple[list[Any], tuple[int, ...]]]
 
-  def unchanged(self, model: nnx.Module, optimizer: nnx.Optimizer) -> bool:
+  def unchanged(self, model: nnx.Module, optimizer: nnx.Optimizer,
+                where: Optional[_NodesAt], nodes: tuple[Any, ...]) -> bool:
     return (model is self.model and optimizer is self.optimizer
+            and where == self.where
+            and len(nodes) == len(self.nodes)
+            and all(a is b for a, b in zip(nodes, self.nodes))
             and all(tuple(members) == keys
                     and tuple(map(id, members.values())) == ids
                     for members, keys, ids in self.dicts)
@@ -160,8 +253,16 @@ def _mutable_members(*roots: Any) -> tuple[list[dict[Any, Any]], list[list[Any]]
   return dicts, lists
 
 
-def _split(model: nnx.Module, optimizer: nnx.Optimizer) -> _Split:
-  graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
+def _split(model: nnx.Module, optimizer: nnx.Optimizer,
+           where: Optional[_NodesAt] = None,
+           nodes: tuple[Any, ...] = ()) -> _Split:
+  if any(node is optimizer for node in nodes):
+    raise TypeError(
+        "the nnx.Optimizer was given again among the step's extra arguments: "
+        "the step updates it itself; pass it once, as the second argument.")
+  graphdef, params, rest = nnx.split(
+      (model, nodes), _params_filter(optimizer.wrt), ...)
+  params = params[0] if 0 in params else nnx.State({})
   is_variable = lambda x: isinstance(x, nnx.Variable)
   parts = (params, optimizer.opt_state, rest)
   variables = jax.tree.leaves((*parts, optimizer.step), is_leaf=is_variable)
@@ -169,9 +270,9 @@ def _split(model: nnx.Module, optimizer: nnx.Optimizer) -> _Split:
     raise NotImplementedError(
         "mo.nnx.train_step does not support variables held as array "
         "references (ref=True or hijax=True); create the model without them.")
-  dicts, lists = _mutable_members(model, optimizer)
+  dicts, lists = _mutable_members(model, optimizer, *nodes)
   return _Split(
-      model, optimizer, graphdef,
+      model, optimizer, where, nodes, graphdef,
       *(jax.tree.structure(part, is_leaf=is_variable) for part in parts),
       variables,
       [(d, tuple(d), tuple(map(id, d.values()))) for d in dicts],
@@ -206,10 +307,10 @@ class TrainStep:
   """A multirate train step on an ``nnx.Module`` and its ``nnx.Optimizer``.
 
   Call it as ``value = step(model, optimizer, *args)``; it updates ``model``
-  and ``optimizer`` in place and returns what ``loss_fn(model, *args)``
-  returns (``dynamic_scale, value = step(model, optimizer, dynamic_scale,
-  *args)`` when built with ``dynamic_scale=True``). Build it with
-  :func:`train_step`.
+  and ``optimizer`` (and the graph nodes among ``args``) in place and
+  returns what ``loss_fn(model, *args)`` returns (``dynamic_scale, value =
+  step(model, optimizer, dynamic_scale, *args)`` when built with
+  ``dynamic_scale=True``). Build it with :func:`train_step`.
 
   The phase comes from the count of the timetable state inside
   ``optimizer``, as in :class:`multirate_optax.TrainStep`, with the same
@@ -267,28 +368,31 @@ class TrainStep:
     self.dispatch = resolve_dispatch(dispatch)
     self._donate = donate
     self._dispatches: dict[tuple[Any, ...], PhaseDispatch] = {}
+    self._graph_args = _GraphArgs()
     # The split of the model and optimizer last stepped, and its engine.
     self._kept: Optional[tuple[_Split, PhaseDispatch]] = None
 
   def _engine(self, split: _Split) -> PhaseDispatch:
     tx, wrt = split.optimizer.tx, split.optimizer.wrt
-    key = (tx, wrt, split.graphdef, split.params, split.opt_state, split.rest)
+    key = (tx, wrt, split.where, split.graphdef, split.params,
+           split.opt_state, split.rest)
     if key not in self._dispatches:
-      # Arguments: params, opt_state, rest, count, *args; the outputs keep
-      # the first four in their places.
+      # Arguments: params, opt_state, rest, count, *args (None in the graph
+      # nodes' places); the outputs keep the first four in their places.
       self._dispatches[key] = PhaseDispatch(
-          functools.partial(self._step_of_phase, tx, wrt, split.graphdef,
-                            split.params, split.rest),
+          functools.partial(self._step_of_phase, tx, wrt, split.where,
+                            split.graphdef, split.params, split.rest),
           state_argnum=1, dispatch=self.dispatch,
           donate_argnums=(0, 1, 2, 3) if self._donate else ())
     return self._dispatches[key]
 
   def _step_of_phase(self, tx: optax.GradientTransformation,
-                     wrt: nnx.filterlib.Filter, graphdef: nnx.GraphDef,
+                     wrt: nnx.filterlib.Filter, where: Optional[_NodesAt],
+                     graphdef: nnx.GraphDef,
                      params_structure: jax.tree_util.PyTreeDef,
                      rest_structure: jax.tree_util.PyTreeDef, phase: int,
                      params, opt_state, rest, count, *args):
-    """The pure step of one phase on the split model and optimizer."""
+    """The pure step of one phase on the split model, optimizer and nodes."""
     dynamic_scale, args = _split_dynamic_scale(self._dynamic_scale, args)
     check_loss_signature(self._loss_fn, len(args))
     params = params_structure.unflatten(params)
@@ -296,9 +400,11 @@ class TrainStep:
     user_loss = checked_loss(self._loss_fn, self._has_aux)
 
     def loss(params, rest, *args):
-      model = nnx.merge(graphdef, params, rest)
+      model, nodes = nnx.merge(graphdef, nnx.State({0: params}), rest)
+      if where is not None:
+        args = where.put(args, nodes)
       value = user_loss(model, *args)
-      _, _, new_rest = nnx.split(model, wrt, ...)
+      _, _, new_rest = nnx.split((model, nodes), _params_filter(wrt), ...)
       new_rest = nnx.as_pure(new_rest)
       loss_value = value[0] if self._has_aux else value
       return loss_value, (value, new_rest)
@@ -320,18 +426,29 @@ class TrainStep:
             rest_structure.flatten_up_to(rest), optax.safe_increment(count),
             value)
 
-  def _kept_split(self, model: nnx.Module, optimizer: nnx.Optimizer
-                  ) -> tuple[_Split, PhaseDispatch]:
+  def _kept_split(self, model: nnx.Module, optimizer: nnx.Optimizer,
+                  args: tuple[Any, ...]
+                  ) -> tuple[_Split, PhaseDispatch, tuple[Any, ...]]:
+    """The kept split and its engine, and ``args`` without graph nodes."""
     if not isinstance(optimizer, nnx.Optimizer):
       raise TypeError(
           f"expected an nnx.Optimizer, got {type(optimizer).__name__}.")
-    if self._kept is None or not self._kept[0].unchanged(model, optimizer):
-      split = _split(model, optimizer)
+    scale, args = self._scale_and_rest(args)
+    where, nodes, args = self._graph_args(args)
+    if (self._kept is None
+        or not self._kept[0].unchanged(model, optimizer, where, nodes)):
+      split = _split(model, optimizer, where, nodes)
       self._kept = (split, self._engine(split))
-    return self._kept
+    return (*self._kept, scale + args)
+
+  def _scale_and_rest(self, args: tuple[Any, ...]
+                      ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """The loss scale (``(dynamic_scale,)``, or ``()``) and the arguments
+    after it: graph nodes are found among the latter, as the loss sees them."""
+    return (args[:1], args[1:]) if self._dynamic_scale else ((), args)
 
   def __call__(self, model: nnx.Module, optimizer: nnx.Optimizer, *args):
-    split, engine = self._kept_split(model, optimizer)
+    split, engine, args = self._kept_split(model, optimizer, args)
     return split.write_back(engine(*split.pure(), *args))
 
   def apply(self, model: nnx.Module, optimizer: nnx.Optimizer, *args):
@@ -342,10 +459,13 @@ class TrainStep:
     if not isinstance(optimizer, nnx.Optimizer):
       raise TypeError(
           f"expected an nnx.Optimizer, got {type(optimizer).__name__}.")
-    # Under a transformation the model and optimizer are fresh copies on each
-    # trace: nothing to keep.
-    split = _split(model, optimizer)
-    return split.write_back(self._engine(split).apply(*split.pure(), *args))
+    # Under a transformation the model, optimizer and nodes are fresh copies
+    # on each trace: nothing to keep.
+    scale, args = self._scale_and_rest(args)
+    where, nodes, args = self._graph_args(args)
+    split = _split(model, optimizer, where, nodes)
+    return split.write_back(
+        self._engine(split).apply(*split.pure(), *scale, *args))
 
   def program(self, model: nnx.Module, optimizer: nnx.Optimizer, *args,
               phase: Optional[int] = None) -> jax.stages.Lowered:
@@ -356,7 +476,7 @@ class TrainStep:
       phase: the phase whose ``'host'`` program to return; ``None`` returns
         the single ``lax.switch`` program of ``'cond'``.
     """
-    split, engine = self._kept_split(model, optimizer)
+    split, engine, args = self._kept_split(model, optimizer, args)
     return engine.program(*split.pure(), *args, phase=phase)
 
 
@@ -375,6 +495,14 @@ def train_step(
   or any labels that fit ``nnx.state(model, wrt)``). On slow steps every
   parameter under ``wrt`` is differentiated, on fast steps only the fast ones;
   the optimizer sees zeros for the rest, which multirate ignores.
+
+  NNX graph nodes among the extra arguments (``nnx.Rngs`` for dropout, an
+  ``nnx.MultiMetric``, another module; anywhere in the arguments' pytrees)
+  are handled as ``nnx.jit`` handles them: split to state with the model
+  before the compiled program, merged inside it, and their new state written
+  back after the step, on fast and slow steps alike, so rng streams advance
+  and metrics update in place. A variable the model and a node share is one
+  variable. Their state is carried through the program, not differentiated.
 
   Args:
     loss_fn: ``loss_fn(model, *args) -> loss`` or ``(loss, aux)``.
@@ -437,6 +565,19 @@ def train_step(
     ...                      jnp.full((8, 3), jnp.nan), y)
     >>> float(scale.scale), bool((model.head.kernel[...] == kernel).all())
     (32768.0, True)
+
+    Rng streams and metrics given to the step update in place:
+
+    >>> def dropout_loss(model, x, y, rngs, metrics):
+    ...   loss = loss_fn(model, nnx.Dropout(0.5)(x, rngs=rngs), y)
+    ...   metrics.update(loss=loss)
+    ...   return loss
+    >>> dropout_step = mo.nnx.train_step(dropout_loss)
+    >>> rngs, metrics = nnx.Rngs(dropout=1), nnx.metrics.Average('loss')
+    >>> for _ in range(3):
+    ...   loss = dropout_step(model, optimizer, x, y, rngs, metrics)
+    >>> int(rngs.dropout.count[...]), int(metrics.count[...])
+    (3, 3)
   """
   return TrainStep(loss_fn, has_aux=has_aux, dispatch=dispatch, donate=donate,
                    dynamic_scale=dynamic_scale)

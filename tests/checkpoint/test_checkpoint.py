@@ -243,6 +243,86 @@ def test_damaged_metadata_names_the_file_and_step(saved_period_3, damage, error)
     checkpoint.restore(saved_period_3, initial_state(make_optimizer()))
 
 
+@pytest.fixture
+def saved_two_steps(tmp_path):
+  for step in (2, SAVE_AT):
+    checkpoint.save(tmp_path, step, initial_state(make_optimizer()))
+  return tmp_path
+
+
+@pytest.mark.parametrize("damage, error", [
+    (b"\xff\xfe\x00garbage", "UnicodeDecodeError"),
+    (b'{"tree_metadata": {"par', "JSONDecodeError"),
+])
+@pytest.mark.parametrize("file", ["_METADATA", "array_metadatas"])
+def test_damaged_orbax_metadata_names_the_file_and_step(saved_two_steps, file,
+                                                        damage, error):
+  # Orbax's own files of the state item: json's errors reached the user.
+  item = saved_two_steps / str(SAVE_AT) / checkpoint._orbax.STATE_ITEM
+  damaged = (item / file if file == "_METADATA"
+             else sorted((item / file).iterdir())[0])
+  damaged.write_bytes(damage)
+  with pytest.raises(ValueError, match=(
+      rf"the checkpoint of step {SAVE_AT} in .* has damaged orbax metadata in "
+      rf"{re.escape(str(damaged))} \({error}: .*truncated or corrupted; "
+      rf"restore another step \(the directory holds steps \[2\]")):
+    checkpoint.restore(saved_two_steps, initial_state(make_optimizer()))
+  # The other step is intact.
+  checkpoint.restore(saved_two_steps, initial_state(make_optimizer()), step=2)
+
+
+def _array_files(directory):
+  item = Path(directory) / str(SAVE_AT) / checkpoint._orbax.STATE_ITEM
+  return {"manifest": item / "manifest.ocdbt",
+          "data": sorted((item / "d").iterdir())[0]}
+
+
+@pytest.mark.parametrize("file, code", [("manifest", "DATA_LOSS"),
+                                        ("data", "OUT_OF_RANGE")])
+def test_damaged_array_files_name_the_file_and_step(saved_two_steps, file,
+                                                    code):
+  damaged = _array_files(saved_two_steps)[file]
+  damaged.write_bytes(damaged.read_bytes()[:10])  # Truncated.
+  with pytest.raises(ValueError, match=(
+      rf"the checkpoint of step {SAVE_AT} in .* holds array data that cannot "
+      rf"be read: {code} in {re.escape(str(damaged))} \(reading '.+'\): the "
+      r"file is truncated or corrupted; restore another step")):
+    checkpoint.restore(saved_two_steps, initial_state(make_optimizer()))
+
+
+RESTORE_DAMAGED = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_checkpoint import *
+try:
+  checkpoint.restore({directory!r}, initial_state(make_optimizer()))
+except ValueError:
+  pass
+else:
+  raise AssertionError("restored a damaged checkpoint")
+checkpoint.restore({directory!r}, initial_state(make_optimizer()), step=2)
+"""
+
+
+def test_restoring_prints_no_asyncio_tracebacks(saved_two_steps):
+  # When one read fails, orbax closed its event loop while the others were in
+  # flight: each of them printed "RuntimeError: Event loop is closed" (or
+  # "Task exception was never retrieved") from tensorstore's threads.
+  data = _array_files(saved_two_steps)["data"]
+  data.write_bytes(data.read_bytes()[:10])
+  tests = str(Path(__file__).resolve().parent)
+  helpers = str(Path(__file__).resolve().parents[1])
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+      filter(None, [helpers, os.environ.get("PYTHONPATH")]))}
+  done = subprocess.run(
+      [sys.executable, "-c", RESTORE_DAMAGED.format(
+          tests=tests, directory=str(saved_two_steps))],
+      capture_output=True, text=True, timeout=120, env=env)
+  assert done.returncode == 0, done.stderr
+  assert "Traceback" not in done.stderr, done.stderr
+  assert "Event loop is closed" not in done.stderr, done.stderr
+
+
 def test_no_checkpoint(tmp_path):
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
     checkpoint.restore(tmp_path, initial_state(make_optimizer()))

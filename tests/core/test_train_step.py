@@ -293,3 +293,46 @@ class TestBadInput:
     with pytest.raises(TypeError, match=r"1 of 7 leaves.*'steps' \(an array "
                        r"of dtype int32\)"):
       step(params, state, batches(1)[0])
+
+  @pytest.mark.parametrize("dispatch", ["cond", "host", "update"])
+  def test_state_of_other_inner_optimizers(self, dispatch):
+    # An SGD multirate's state given to an Adam multirate: optax's Adam
+    # would read .mu off an EmptyState.
+    labels = mo.fast_by_path("^head/")
+    adam = mo.multirate(optax.adam(1e-3), labels=labels, period=2)
+    for sgd, found in ((optax.sgd(0.1), "EmptyState"),
+                       (optax.sgd(0.1, momentum=0.9), "TraceState")):
+      state = mo.multirate(sgd, labels=labels, period=2).init(self.params)
+      message = (rf"other inner optimizers than this one: group 'fast': the "
+                 rf"state holds {found} where this optimizer's init makes "
+                 rf"ScaleByAdamState.*group 'slow': the state holds {found} "
+                 rf"where .* ScaleByAdamState.*this optimizer's init")
+      with pytest.raises(TypeError, match=message):
+        if dispatch == "update":
+          adam.update(self.params, state, self.params)
+        else:
+          mo.train_step(mlp_loss, adam, dispatch=dispatch)(
+              self.params, state, batches(1)[0])
+
+  @pytest.mark.parametrize("dispatch", ["cond", "host", "update"])
+  def test_parameters_of_other_shapes_than_the_state(self, dispatch):
+    # A wider hidden layer: the loss runs, the state is for the narrower one
+    # (optax would fail to add (17,) and (16,) arrays).
+    rng = np.random.default_rng(0)
+    wider = dict(self.params,
+                 layer0={"w": jnp.asarray(rng.normal(size=(6, 17)), jnp.float32),
+                         "b": jnp.zeros(17)},
+                 layer1={"w": jnp.asarray(rng.normal(size=(17, 16)), jnp.float32),
+                         "b": self.params["layer1"]["b"]})
+    message = (r"do not have the shapes the optimizer state was made for: "
+               r"parameter 'layer0/b' has shape \(17,\), the state was made "
+               r"for \(16,\); parameter 'layer0/w' has shape \(6, 17\), the "
+               r"state was made for \(6, 16\); parameter 'layer1/w' has shape "
+               r"\(17, 16\), the state was made for \(16, 16\)\. Call this "
+               r"optimizer's init on these parameters")
+    with pytest.raises(ValueError, match=message):
+      if dispatch == "update":
+        self.tx.update(wider, self.opt_state, wider)
+      else:
+        mo.train_step(mlp_loss, self.tx, dispatch=dispatch)(
+            wider, self.opt_state, batches(1)[0])

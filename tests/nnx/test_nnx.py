@@ -12,7 +12,7 @@ import multirate_optax as mo
 from _models import batches, is_fast, mlp_loss, mlp_params
 from _probes import count_compilations, count_host_reads, hlo_op_count
 from _reference import multirate_sgd
-from _steps import H, MU, NAMES, NNXHarness, NNXMLP, nnx_loss
+from _steps import H, MU, NAMES, NNXHarness, NNXMLP, cross_entropy, nnx_loss
 
 HEAD = nnx.PathContains("head")
 MLP = NNXMLP
@@ -319,6 +319,161 @@ def test_structure_changed_between_steps_is_followed(change, monkeypatch):
                             before[0]["head"]["kernel"])
 
 
+class DropoutMLP(nnx.Module):
+  """The MLP with dropout, its keys from the rngs given to each call (as in
+  Flax's NNX MNIST example)."""
+
+  def __init__(self):
+    mlp = MLP(mlp_params())
+    self.layer0, self.layer1, self.head = mlp.layer0, mlp.layer1, mlp.head
+    self.dropout = nnx.Dropout(0.3)
+
+  def __call__(self, x, rngs):
+    h = self.dropout(jnp.tanh(self.layer0(x)), rngs=rngs)
+    return self.head(jnp.tanh(self.layer1(h)))
+
+
+def dropout_loss(model, batch, rngs, metrics):
+  x, y = batch
+  logits = model(x, rngs)
+  loss = cross_entropy(logits, y)
+  metrics.update(loss=loss, logits=logits, labels=y)
+  return loss
+
+
+def hand_written_nnx_loop(model, loss_fn, data, args_of, period):
+  """The published algorithm (tests/_reference.py) on an NNX model, its
+  gradients of all parameters from a plain ``nnx.jit`` step with
+  ``nnx.value_and_grad``, which advances the graph nodes of
+  ``args_of(batch)``."""
+
+  @nnx.jit
+  def grads_of(model, *args):
+    return nnx.value_and_grad(loss_fn)(model, *args)[1]
+
+  def grad_fn(params, batch):
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+    return nnx.to_pure_dict(grads_of(model, *args_of(batch)))
+
+  return multirate_sgd(nnx.to_pure_dict(nnx.state(model, nnx.Param)), None,
+                       data, h=H, momentum=MU, period=period, drift=False,
+                       is_fast=is_fast, grad_fn=grad_fn)
+
+
+def params_now(model):
+  return jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def test_graph_node_arguments_follow_a_hand_written_nnx_loop():
+  """Dropout rngs and a MultiMetric given to the step, used in the loss."""
+  period, data = 3, batches(10)
+  want_rngs, want_metrics = nnx.Rngs(dropout=1), new_metrics()
+  expected = hand_written_nnx_loop(
+      DropoutMLP(), dropout_loss, data,
+      lambda batch: (batch, want_rngs, want_metrics), period)
+  results = {}
+  for dispatch in ("cond", "host"):
+    model, rngs, metrics = DropoutMLP(), nnx.Rngs(dropout=1), new_metrics()
+    optimizer = nnx.Optimizer(model, multirate_tx(period), wrt=nnx.Param)
+    step = mo.nnx.train_step(dropout_loss, dispatch=dispatch)
+    history = []
+    with count_compilations() as compiled:
+      for t, batch in enumerate(data):
+        if t == 2:
+          after_two = compiled[0]
+          with count_host_reads() as reads:
+            for later in data[2:]:
+              step(model, optimizer, later, rngs, metrics)
+              history.append(params_now(model))
+          break
+        step(model, optimizer, batch, rngs, metrics)
+        history.append(params_now(model))
+    # One program per phase (host) or one in all (cond), compiled in the first
+    # two steps; nothing read back from the device per step.
+    assert compiled[0] == after_two
+    assert reads[0] == 0
+    chex.assert_trees_all_close(history, expected, rtol=1e-5, atol=1e-6)
+    # One dropout key drawn per step, as under nnx.jit: the same count and
+    # so the same masks.
+    assert int(rngs.dropout.count[...]) == int(want_rngs.dropout.count[...])
+    assert int(rngs.dropout.count[...]) == len(data)
+    # The metrics were updated inside the loss with each step's loss and
+    # logits, before the update.
+    computed, want = metrics.compute(), want_metrics.compute()
+    np.testing.assert_allclose(computed["loss"], want["loss"], rtol=1e-5)
+    assert float(computed["accuracy"]) == float(want["accuracy"])
+    assert int(metrics.loss.count[...]) == len(data)
+    results[dispatch] = history, _pure(rngs), _pure(metrics)
+  chex.assert_trees_all_equal(results["cond"], results["host"])
+
+
+def test_graph_node_arguments_through_apply_inside_nnx_jit():
+  period, data = 3, batches(6)
+  want_rngs, want_metrics = nnx.Rngs(dropout=1), new_metrics()
+  expected = hand_written_nnx_loop(
+      DropoutMLP(), dropout_loss, data,
+      lambda batch: (batch, want_rngs, want_metrics), period)
+  model, rngs, metrics = DropoutMLP(), nnx.Rngs(dropout=1), new_metrics()
+  optimizer = nnx.Optimizer(model, multirate_tx(period), wrt=nnx.Param)
+  step = nnx.jit(mo.nnx.train_step(dropout_loss, dispatch="cond").apply)
+  history = []
+  for batch in data:
+    step(model, optimizer, batch, rngs, metrics)
+    history.append(params_now(model))
+  chex.assert_trees_all_close(history, expected, rtol=1e-5, atol=1e-6)
+  assert int(rngs.dropout.count[...]) == int(want_rngs.dropout.count[...])
+  np.testing.assert_allclose(metrics.compute()["loss"],
+                             want_metrics.compute()["loss"], rtol=1e-5)
+
+
+class DistilledNet(StoredRngNet):
+  """StoredRngNet whose loss also uses a teacher and the model's own rng
+  stream, both given to the step as arguments, nested in a tuple."""
+
+
+def distill_loss(model, batch, nodes):
+  teacher, stream = nodes
+  x, y = batch
+  logits = model(x)  # Draws from the stream stored in the model.
+  noise = 0.1 * jax.random.normal(stream(), logits.shape)  # ... and again.
+  return (cross_entropy(logits + noise, y)
+          + 0.5 * jnp.mean((logits - teacher(x)) ** 2))
+
+
+def test_graph_node_arguments_shared_with_the_model_and_nested():
+  """A stream the model holds, given again, is one stream (it advances twice
+  a step, as the model's own does); a teacher module's parameters are not
+  trained."""
+  period, data = 2, batches(6)
+
+  def teacher():
+    return nnx.Linear(6, 3, rngs=nnx.Rngs(5))
+
+  # nnx.value_and_grad refuses a variable both in its differentiated
+  # argument and in another: the hand loop's loss reaches the stream through
+  # the model.
+  want_model, want_teacher = DistilledNet(), teacher()
+  expected = hand_written_nnx_loop(
+      want_model,
+      lambda model, batch, teacher: distill_loss(
+          model, batch, (teacher, model.dropout.rngs)),
+      data, lambda batch: (batch, want_teacher), period)
+  model, teacher_model = DistilledNet(), teacher()
+  teacher_before = _pure(teacher_model)
+  optimizer = nnx.Optimizer(model, multirate_tx(period), wrt=nnx.Param)
+  step = mo.nnx.train_step(distill_loss, dispatch="host")
+  history = []
+  for batch in data:
+    step(model, optimizer, batch, (teacher_model, model.dropout.rngs))
+    history.append(params_now(model))
+  chex.assert_trees_all_close(history, expected, rtol=1e-5, atol=1e-6)
+  assert int(model.dropout.rngs.count[...]) == 2 * len(data)
+  assert int(want_model.dropout.rngs.count[...]) == 2 * len(data)
+  chex.assert_trees_all_equal(_pure(teacher_model), teacher_before)
+
+
 class TestBadInput:
 
   def test_value_and_grad_outside_multirate_jit(self):
@@ -381,6 +536,14 @@ class TestBadInput:
     model = MLP(mlp_params())
     with pytest.raises(TypeError, match="expected an nnx.Optimizer"):
       mo.nnx.train_step(nnx_loss, dispatch=dispatch)(model, model, batches(1)[0])
+
+  def test_optimizer_among_the_extra_arguments(self):
+    model = MLP(mlp_params())
+    optimizer = nnx.Optimizer(model, multirate_tx(2), wrt=nnx.Param)
+    step = mo.nnx.train_step(lambda model, batch, optimizer: nnx_loss(model, batch))
+    with pytest.raises(TypeError, match=r"nnx.Optimizer was given again among "
+                       r"the step's extra arguments.*pass it once"):
+      step(model, optimizer, batches(1)[0], optimizer)
 
   def test_loss_signature(self):
     model = MLP(mlp_params())

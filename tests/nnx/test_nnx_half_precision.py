@@ -212,3 +212,47 @@ def test_apply_inside_nnx_jit_takes_the_scale(reference):
                               atol=1e-6)
   assert int(scale.fin_steps) == int(want_scale.fin_steps)
   assert float(scale.scale) == float(want_scale.scale)
+
+
+@pytest.mark.parametrize("dispatch", ["host", "cond"])
+def test_graph_node_arguments_after_the_scale(dispatch):
+  # Graph nodes (dropout rngs, a metric) after the DynamicScale: carried as
+  # without loss scaling. In float32 a power-of-two scale is exact, so the
+  # scaled step's trajectory, rng count and metric equal the unscaled step's
+  # (itself checked against a hand-written nnx loop in tests/nnx/test_nnx.py).
+  class Dropped(nnx.Module):
+    def __init__(self):
+      rngs = nnx.Rngs(0)
+      self.body = nnx.Linear(5, 16, rngs=rngs)
+      self.head = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x, rngs):
+      return self.head(nnx.Dropout(0.5)(nnx.relu(self.body(x)), rngs=rngs))
+
+  def dropout_loss(model, x, y, rngs, metric):
+    loss = optax.softmax_cross_entropy_with_integer_labels(
+        model(x, rngs), y).mean()
+    metric.update(values=loss)
+    return loss
+
+  batches = [(jnp.nan_to_num(x), y) for x, y in make_batches()]
+  runs = []
+  for scaled in (False, True):
+    model = Dropped()
+    optimizer = nnx.Optimizer(model, make_tx(mo.nnx.fast_by_filter(HEAD)),
+                              wrt=nnx.Param)
+    rngs, metric = nnx.Rngs(dropout=3), nnx.metrics.Average()
+    step = mo.nnx.train_step(dropout_loss, dispatch=dispatch,
+                             dynamic_scale=scaled)
+    scale = DynamicScale()
+    for x, y in batches:
+      if scaled:
+        scale, _ = step(model, optimizer, scale, x, y, rngs, metric)
+      else:
+        step(model, optimizer, x, y, rngs, metric)
+    runs.append((nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+                 int(rngs.dropout.count[...]), float(metric.compute())))
+    if scaled:
+      assert int(scale.fin_steps) == len(batches)
+  assert runs[1][1:] == runs[0][1:] == (len(batches), runs[0][2])
+  chex.assert_trees_all_equal(runs[1][0], runs[0][0])
