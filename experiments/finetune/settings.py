@@ -79,7 +79,8 @@ class Settings:
 
   Attributes:
     task: ``'vision'`` or ``'text'``.
-    epochs: train-all's passes over the train split. Train-all's training
+    epochs: train-all's passes over the train split (a fraction of one
+      allowed: that share of an epoch's steps). Train-all's training
       time on a seed is every other method's time budget on that seed; the
       others plan as many steps as fit in it (see
       :mod:`experiments.finetune.budget`), at most ``max_epochs_factor``
@@ -109,7 +110,7 @@ class Settings:
       examples (``None``: the whole split), for quick runs.
   """
   task: str
-  epochs: int
+  epochs: float
   seeds: tuple[int, ...]
   grids: Mapping[str, Mapping[str, tuple[float, ...]]]
   methods: Optional[tuple[str, ...]] = None
