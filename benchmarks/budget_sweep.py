@@ -55,6 +55,8 @@ DEFAULT_CACHE = Path.home() / ".cache" / "multirate_optax" / "jax"
 SWEPT = {
     "vision": ("train_all", "multirate_classifier", "multirate_last_stage",
                "train_last_stage", "train_classifier"),
+    "mnist": ("train_all", "multirate_classifier", "multirate_last_stage",
+              "train_last_stage", "train_classifier"),
     "text": ("train_all", "multirate_head", "train_head"),
 }
 
@@ -66,6 +68,17 @@ def enable_compilation_cache(directory: Optional[Path]) -> None:
   directory.mkdir(parents=True, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", str(directory))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _split_sizes(task, quick: bool, validation_size: Optional[int]):
+  sizes = (task.quick if quick else task.full).split_sizes
+  if validation_size is None:
+    return sizes
+  if task.name != "text":
+    raise ValueError(f"--validation-size is for the text task, not "
+                     f"{task.name!r}.")
+  train, _, test = sizes or (None, None, None)
+  return (train, validation_size, test)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -89,6 +102,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                       "validation from grids of equal size")
   parser.add_argument("--fractions", help="comma-separated budget fractions "
                       "of T (default 0.125,0.25,0.5,1; quick 0.5,1)")
+  parser.add_argument("--validation-size", type=int,
+                      help="text: at most this many validation texts (the "
+                      "test split stays whole), to cut evaluation cost")
   parser.add_argument("--clock", choices=("wall", "process"),
                       default="process")
   parser.add_argument("--compilation-cache", type=Path, default=DEFAULT_CACHE)
@@ -103,7 +119,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   settings = dataclasses.replace(
       task.quick, epochs=1 if args.quick else args.epochs,
       seeds=tuple(range(1 if args.quick else args.seeds)), clock=args.clock,
-      split_sizes=(task.quick if args.quick else task.full).split_sizes,
+      split_sizes=_split_sizes(task, args.quick, args.validation_size),
       evaluations=args.evaluations or task.quick.evaluations)
   if args.grid:
     grids = task.recipes
