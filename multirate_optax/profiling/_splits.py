@@ -194,7 +194,7 @@ class SplitsProfile:
     >>> import json
     >>> saved = json.loads(profile.to_json())
     >>> list(saved), saved['splits'][0]['name']
-    (['backend', 'periods', 'repeats', 'forward_seconds', 'full', 'splits'], '^dense_2')
+    (['backend', 'periods', 'repeats', 'clock', 'forward_seconds', 'full', 'splits'], '^dense_2')
   """
 
   backend: str
