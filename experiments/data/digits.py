@@ -26,12 +26,15 @@ NUM_DIGIT_CLASSES = 10
 _DIGITS_MAX_VALUE = 16.0  # The digits' pixel counts range over 0..16.
 
 
-def digits_to_images(digits: np.ndarray, image_size: int) -> np.ndarray:
-  """Grey 8x8 digits (values 0..16) to ImageNet-normalised RGB images.
+def digits_to_images(digits: np.ndarray, image_size: int,
+                     max_value: float = _DIGITS_MAX_VALUE) -> np.ndarray:
+  """Grey digits (values 0..``max_value``) to ImageNet-normalised RGB images.
 
   Args:
-    digits: shape (n, 8, 8).
-    image_size: side of the output images; bilinear up-sampling.
+    digits: shape (n, height, width): scikit-learn's 8x8 digits (values
+      0..16, the default ``max_value``) or MNIST's 28x28 (0..255).
+    image_size: side of the output images; bilinear resampling.
+    max_value: the pixel value that maps to white.
 
   Returns:
     float32 array of shape (n, image_size, image_size, 3).
@@ -46,7 +49,7 @@ def digits_to_images(digits: np.ndarray, image_size: int) -> np.ndarray:
     >>> bool(np.allclose(images * IMAGENET_STD + IMAGENET_MEAN, 1.0))
     True
   """
-  grey = np.asarray(digits, np.float32) / _DIGITS_MAX_VALUE
+  grey = np.asarray(digits, np.float32) / max_value
   if grey.ndim != 3:
     raise ValueError(
         f"digits must have shape (n, height, width), got {grey.shape}.")

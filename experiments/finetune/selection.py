@@ -86,7 +86,9 @@ def probe_steps(method: Method, settings: Settings) -> int:
 def run_method(task: Task, method: Method, pretrained: Any, splits: Splits,
                settings: Settings, budgets: Optional[Mapping[int, float]],
                progress: tqdm.tqdm,
-               clock: Clock = time.perf_counter) -> dict[str, Any]:
+               clock: Clock = time.perf_counter,
+               test: bool = True,
+               test_budget_only: bool = False) -> dict[str, Any]:
   """Selects the method's rates on validation, then trains and tests each seed.
 
   Args:
@@ -100,6 +102,14 @@ def run_method(task: Task, method: Method, pretrained: Any, splits: Splits,
       ``settings.epochs``.
     progress: advanced by one per training run.
     clock: the training clock (a parameter for the tests).
+    test: ``False`` defers the test split: the runs come back untested (every
+      ``test_accuracy`` ``None``) and the result holds ``'test_later'``, a
+      function that tests them and returns the tested runs. A caller that
+      chooses among several methods on validation
+      (:mod:`experiments.finetune.recipes`) tests only the chosen one.
+    test_budget_only: test only the checkpoint each run reports at its own
+      budget (the budget sweep reads nothing else), not every best-so-far
+      one (which the time protocol reads at earlier budgets).
 
   Returns:
     Name, label, selected rates, the selection's scores, compile and probe
@@ -112,7 +122,7 @@ def run_method(task: Task, method: Method, pretrained: Any, splits: Splits,
                                           splits.num_classes)
   share = share_updated_every_step(method, variables["params"])
   steps_per_epoch = len(splits.train.labels) // settings.batch_size
-  epoch_steps = settings.epochs * steps_per_epoch
+  epoch_steps = max(1, round(settings.epochs * steps_per_epoch))
   optimizer = lambda rates, steps: task.make_optimizer(method, rates,
                                                        settings, steps)
   candidates = rate_candidates(settings.grids[method.name])
@@ -158,7 +168,7 @@ def run_method(task: Task, method: Method, pretrained: Any, splits: Splits,
     return run.points[chosen_index(run.points, budget)]["validation_accuracy"]
 
   rates, selection = select_rates(candidates, validation_accuracy)
-  runs = []
+  trained_runs = []
   for seed in settings.seeds:
     progress.set_postfix_str(f"{method.name}: seed {seed}")
     if seed == first_seed and format_rates(rates) in first_runs:
@@ -166,28 +176,49 @@ def run_method(task: Task, method: Method, pretrained: Any, splits: Splits,
     else:
       seed_plan, run = train(rates, seed)
     first_runs.clear()  # Frees the other grid points' checkpoints.
-    runs.append(tested(run, seed, seed_plan, steps_per_epoch,
-                       lambda trained: accuracy(predict, trained, splits.test,
-                                                eval_batch_size)))
-  return {
+    trained_runs.append((seed, seed_plan, run))
+
+  def test_runs(test_split: bool = True) -> list[dict[str, Any]]:
+    score = (lambda trained: accuracy(predict, trained, splits.test,
+                                      eval_batch_size)) if test_split else None
+    return [tested(run, seed, seed_plan, steps_per_epoch, score,
+                   test_budget_only)
+            for seed, seed_plan, run in trained_runs]
+
+  result = {
       "name": method.name, "label": method.label,
       "multirate": method.multirate, "train_all": method.train_all,
-      "rates": rates, "selection": selection, "runs": runs,
+      "rates": rates, "selection": selection,
+      "runs": test_runs(test_split=test),
       "compile_seconds": compile_seconds, "probe_step_seconds": step_seconds,
       "share_updated_every_step": share,
   }
+  if test:
+    trained_runs.clear()
+  else:
+    result["test_later"] = test_runs
+  return result
 
 
 def tested(run: Run, seed: int, plan: Plan, steps_per_epoch: int,
-           test: Callable[[PyTree], float]) -> dict[str, Any]:
+           test: Optional[Callable[[PyTree], float]],
+           budget_only: bool = False) -> dict[str, Any]:
   """A finished run's record, its kept checkpoints tested.
 
   Only the best-so-far checkpoints are kept by the run, so only they get a
-  test accuracy; the others' is ``None``.
+  test accuracy; the others' is ``None`` (every one's, with ``test``
+  ``None``: not tested yet). With ``budget_only``, only the checkpoint
+  chosen at the plan's budget (:func:`chosen_index`; the run's end without
+  a budget) is tested: all a run read at its own budget needs.
   """
   points = [dict(point, test_accuracy=None) for point in run.points]
-  for index, checkpoint in run.checkpoints.items():
-    points[index]["test_accuracy"] = test(checkpoint)
+  indices = set(run.checkpoints)
+  if budget_only:
+    indices = {chosen_index(run.points, math.inf if plan.budget is None
+                            else plan.budget)}
+  if test is not None:
+    for index in sorted(indices):
+      points[index]["test_accuracy"] = test(run.checkpoints[index])
   steps = points[-1]["step"] if points else plan.steps
   return {"seed": seed, "planned_steps": plan.steps,
           "planned_epochs": plan.steps / steps_per_epoch,

