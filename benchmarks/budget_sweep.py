@@ -138,6 +138,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     settings = dataclasses.replace(settings, methods=tuple(names))
     methods, settings = budget_variants(task.methods_in(settings), settings,
                                         fractions)
+    if 1 not in fractions:  # Train-all planned for T still sets T.
+      methods += [m for m in task.methods_in(settings) if m.train_all]
     report = run_experiment(task, settings, methods=methods,
                             test_budget_only=True)
     recipes = ("one rate per method, the time protocol's selection on "

@@ -184,6 +184,12 @@ FULL_GRIDS = {
     "multirate_last_stage_k3": _MULTIRATE_GRID,
     "train_last_stage": {"learning_rate": (0.001, 0.003, 0.01)},
     "train_classifier": {"learning_rate": (0.01, 0.03, 0.1)},
+    # Issue 19's timetables: one point, as in QUICK_GRIDS (no grid search).
+    "multirate_three_rates": {"fast_learning_rate": (0.003,),
+                              "slow_learning_rate": (0.003,)},
+    "gradual_unfreezing": {"learning_rate": (0.003,)},
+    "gradual_unfreezing_discriminative": {"learning_rate": (0.003,)},
+    "train_all_llrd": {"learning_rate": (0.003,)},
 }
 # One grid point per method: what the equal-epochs full run's selection
 # picked (BatchNorm frozen; benchmarks/results/finetune_full.json).
