@@ -110,6 +110,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser.add_argument("--compilation-cache", type=Path, default=DEFAULT_CACHE)
   parser.add_argument("--no-compilation-cache", action="store_true")
   parser.add_argument("--out", type=Path, default=RESULTS)
+  parser.add_argument("--name", help="the outputs' file name without "
+                      "extension (default budget_sweep_<task>[_grid][_quick])")
   args = parser.parse_args(argv)
   enable_compilation_cache(
       None if args.no_compilation_cache else args.compilation_cache)
@@ -136,13 +138,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     settings = dataclasses.replace(settings, methods=tuple(names))
     methods, settings = budget_variants(task.methods_in(settings), settings,
                                         fractions)
+    if 1 not in fractions:  # Train-all planned for T still sets T.
+      methods += [m for m in task.methods_in(settings) if m.train_all]
     report = run_experiment(task, settings, methods=methods,
                             test_budget_only=True)
     recipes = ("one rate per method, the time protocol's selection on "
                "validation (QUICK_GRIDS); no per-budget grid")
-  sweep = sweep_report(report)
-  name = (f"budget_sweep_{task.name}{'_grid' if args.grid else ''}"
-          f"{'_quick' if args.quick else ''}")
+  sweep = sweep_report(report, timetables=[
+      m.name for m in task.methods
+      if m.timetable is not None or m.layerwise_decay is not None])
+  name = args.name or (f"budget_sweep_{task.name}"
+                       f"{'_grid' if args.grid else ''}"
+                       f"{'_quick' if args.quick else ''}")
   args.out.mkdir(parents=True, exist_ok=True)
   output = {"command": " ".join(["python -m benchmarks.budget_sweep",
                                  *(sys.argv[1:] if argv is None else argv)]),

@@ -80,7 +80,7 @@ def runs_of(method: Method, settings: Settings) -> int:
 def probe_steps(method: Method, settings: Settings) -> int:
   """Steps timed after compilation to plan a budgeted run: whole multirate
   cycles (one), or three plain steps."""
-  return method.period_in(settings) if method.multirate else 3
+  return method.period_in(settings) if method.timetabled else 3
 
 
 def run_method(task: Task, method: Method, pretrained: Any, splits: Splits,

@@ -11,6 +11,7 @@ by the tasks.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -40,6 +41,20 @@ class Method:
       a run meant to be finished, not interrupted, at an earlier budget.
     rate_names: the learning rates the task's optimizer takes for this
       method (each picked from a grid on validation).
+    timetable: a timetable of the library other than two-rate multirate,
+      built by the task's optimizer and trained with
+      :func:`multirate_optax.train_step`: ``'multirate_groups'``
+      (:func:`multirate_optax.multirate_groups`, a period per group of
+      ``periods``) or ``'gradual_unfreezing'``
+      (:func:`multirate_optax.gradual_unfreezing`, the task's groups top-down,
+      one more at evenly spaced points of the run); ``None`` otherwise.
+    periods: ``'multirate_groups'``: ``{group: period}`` as pairs, the
+      groups the task's.
+    discriminative: ``'gradual_unfreezing'``: each group's rate is the one
+      above's divided by this (ULMFiT: 2.6; 1: one rate for all).
+    layerwise_decay: a plain method's rates times ``decay ** depth``
+      (:func:`multirate_optax.layerwise_decay`, depths the task's); ``None``:
+      none.
   """
   name: str
   label: str
@@ -49,8 +64,21 @@ class Method:
   period: Optional[int] = None
   budget_fraction: float = 1.0
   rate_names: tuple[str, ...] = ()
+  timetable: Optional[str] = None
+  periods: Optional[tuple[tuple[str, int], ...]] = None
+  discriminative: float = 1.0
+  layerwise_decay: Optional[float] = None
 
   def __post_init__(self):
+    if self.timetable not in (None, "multirate_groups", "gradual_unfreezing"):
+      raise ValueError(
+          f"timetable of {self.name!r} must be None, 'multirate_groups' or "
+          f"'gradual_unfreezing', got {self.timetable!r}.")
+    if (self.timetable == "multirate_groups") != (self.periods is not None):
+      raise ValueError(
+          f"{self.name!r}: periods go with timetable='multirate_groups' "
+          f"and only with it; got timetable={self.timetable!r}, "
+          f"periods={self.periods!r}.")
     if not 0.0 < self.budget_fraction <= 1.0:
       raise ValueError(f"budget_fraction of {self.name!r} must be in (0, 1], "
                        f"got {self.budget_fraction!r}.")
@@ -63,11 +91,19 @@ class Method:
   def train_all(self) -> bool:
     """Every parameter trained on every step: the baseline whose time is
     every other method's budget."""
-    return (not self.multirate and self.trained is None
-            and self.budget_fraction == 1.0)
+    return (not self.timetabled and self.trained is None
+            and self.layerwise_decay is None and self.budget_fraction == 1.0)
+
+  @property
+  def timetabled(self) -> bool:
+    """Trained with :func:`multirate_optax.train_step` (two-rate multirate or
+    another timetable), its optimizer over every parameter."""
+    return self.multirate or self.timetable is not None
 
   def period_in(self, settings: Settings) -> int:
     """k of this method under ``settings``."""
+    if self.periods is not None:  # The cycle: lcm of the groups' periods.
+      return math.lcm(*(period for _, period in self.periods))
     return settings.period if self.period is None else self.period
 
 

@@ -210,6 +210,31 @@ def check_sweep_targets(table: Mapping[str, Mapping[str, Mapping[str, Any]]],
   return rows
 
 
+def check_timetable_targets(
+    table: Mapping[str, Mapping[str, Mapping[str, Any]]], test_size: int,
+    multirate: Sequence[str], timetables: Sequence[str],
+    fraction: str = "0.5") -> list[dict[str, Any]]:
+  """Issue 19's target: each new timetable at ``fraction`` T against the
+  two-rate multirate variant chosen on validation at that budget."""
+  multirate = [name for name in multirate if fraction in table.get(name, {})]
+  if not multirate:
+    return []
+  best = max(multirate, key=lambda name: table[name][fraction][
+      "validation_mean"])
+  rows = []
+  for name in timetables:
+    if fraction not in table.get(name, {}):
+      continue
+    mean, half = difference(table[name][fraction]["test"],
+                            table[best][fraction]["test"], test_size)
+    rows.append({"target": f"at {fraction} T, {name} >= the best two-rate "
+                           f"multirate (on validation) at {fraction} T",
+                 "multirate": name, "against": best,
+                 "difference_mean": mean, "difference_half_width": half,
+                 "verdict": verdict(mean, half, 0.0)})
+  return rows
+
+
 def format_sweep(table: Mapping[str, Mapping[str, Mapping[str, Any]]],
                  targets: Sequence[Mapping[str, Any]]) -> str:
   """The sweep as a text table: mean ± 95% half-width per budget."""
@@ -275,14 +300,19 @@ def plot_sweep(table: Mapping[str, Mapping[str, Mapping[str, Any]]],
 
 
 def sweep_report(report: Mapping[str, Any],
-                 multirate: Optional[Sequence[str]] = None) -> dict[str, Any]:
-  """The sweep's table and targets from :func:`run_experiment`'s report."""
+                 multirate: Optional[Sequence[str]] = None,
+                 timetables: Sequence[str] = ()) -> dict[str, Any]:
+  """The sweep's table and targets from :func:`run_experiment`'s report
+  (with ``timetables``, the names of issue 19's methods, also theirs:
+  :func:`check_timetable_targets`)."""
   test_size = report["split_sizes"]["test"]
   table = sweep_table(report["methods"], test_size)
   if multirate is None:
     multirate = sorted({base_and_fraction(r)[0] for r in report["methods"]
                         if r["multirate"]})
   return {"table": table,
-          "targets": check_sweep_targets(table, test_size, multirate),
+          "targets": check_sweep_targets(table, test_size, multirate)
+                     + check_timetable_targets(table, test_size, multirate,
+                                               timetables),
           "interval": "95%: t over seeds (+) binomial test-split error, "
                       "in quadrature; differences paired by seed"}

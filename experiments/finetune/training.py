@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -83,14 +84,14 @@ def make_step(method: Method, loss_fn: Callable[..., Any],
   The optimizer's numbers (rates, decay length) live in its state, so the
   step serves every optimizer the task builds for this method.
   """
-  if method.multirate:
+  if method.timetabled:
     return mo.train_step(loss_fn, optimizer, has_aux=True)
   return subtree_step(loss_fn, optimizer, trained_modules(method, params))
 
 
 def init_optimizer_state(method: Method, optimizer: optax.GradientTransformation,
                          params: Mapping[str, Any]) -> optax.OptState:
-  if method.multirate:
+  if method.timetabled:
     return optimizer.init(params)
   return optimizer.init(
       {name: params[name] for name in trained_modules(method, params)})
@@ -160,6 +161,11 @@ def warm_up(step, method: Method, optimizer: optax.GradientTransformation,
   start = clock()
   params, opt_state, state = jax.block_until_ready(
       run_steps(step, params, opt_state, state, [batch] * 2, key))
+  if method.timetabled:  # Every phase's program, not only the first two.
+    for count in phase_steps(mo.find_timetable_state(opt_state).timetable)[2:]:
+      params, opt_state, state = jax.block_until_ready(run_steps(
+          step, params, at_count(opt_state, count), state, [batch], key,
+          first=count))
   compile_seconds = clock() - start
   if not probe_steps:
     return compile_seconds, None
@@ -167,6 +173,32 @@ def warm_up(step, method: Method, optimizer: optax.GradientTransformation,
   jax.block_until_ready(run_steps(step, params, opt_state, state,
                                   [batch] * probe_steps, key, first=2))
   return compile_seconds, (clock() - start) / probe_steps
+
+
+def phase_steps(timetable: mo.Timetable, limit: int = 1_000_000) -> list[int]:
+  """The first step of each phase of ``timetable``, in the order they come.
+
+  Example:
+    >>> import multirate_optax as mo
+    >>> phase_steps(mo.UnfreezingTimetable(('head', 'top', 'bottom'), (0, 4, 8)))
+    [0, 4, 8]
+  """
+  first: dict[int, int] = {}
+  for count in range(limit):
+    first.setdefault(timetable.phase(count), count)
+    if len(first) == len(timetable.phases):
+      break
+  return sorted(first.values())
+
+
+def at_count(opt_state: PyTree, count: int) -> PyTree:
+  """``opt_state`` with its timetable's count set to ``count`` (a warm-up
+  copy that runs a later phase's program)."""
+  is_state = lambda node: isinstance(node, mo.TimetableState)
+  return jax.tree.map(
+      lambda node: dataclasses.replace(
+          node, count=jnp.asarray(count, jnp.int32)) if is_state(node) else node,
+      opt_state, is_leaf=is_state)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,6 +43,7 @@ depthwise convolution.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
@@ -54,7 +55,7 @@ import numpy as np
 import optax
 
 from experiments.data import Splits, load_digits_splits, stratified_splits
-from experiments.finetune.optimizers import sgd_momentum
+from experiments.finetune.optimizers import cosine_decay, scale_by_rates, sgd_momentum
 from experiments.finetune.settings import Method, Rates, Settings, top_module
 from experiments.finetune.tasks.task import Task
 from experiments.models import (
@@ -86,7 +87,85 @@ METHODS = (
            trained=LAST_STAGE_AND_HEAD, rate_names=_PLAIN),
     Method("train_classifier", "train classifier only", trained=CLASSIFIER,
            rate_names=_PLAIN),
+    # Issue 19's timetables (groups: GROUPS; depths: DEPTHS).
+    Method("multirate_three_rates",
+           "three-rate multirate + drift: classifier 1, last stage + head 2, "
+           "rest 6", timetable="multirate_groups",
+           periods=(("classifier", 1), ("last_stage", 2), ("rest", 6)),
+           rate_names=_MULTIRATE),
+    Method("gradual_unfreezing", "gradual unfreezing, 4 groups top-down",
+           timetable="gradual_unfreezing", rate_names=_PLAIN),
+    Method("gradual_unfreezing_discriminative",
+           "gradual unfreezing, discriminative rates / 2.6 per group",
+           timetable="gradual_unfreezing", discriminative=2.6,
+           rate_names=_PLAIN),
+    Method("train_all_llrd", "train all, layer-wise rate decay 0.8 per stage",
+           layerwise_decay=0.8, rate_names=_PLAIN),
 )
+
+# The timetables' groups, top (the classifier) first, each a set of
+# top-level modules; the last takes every module not named above it.
+# Three-rate multirate: the classifier every step, the last stage and the
+# conv head every 2 steps, the rest (stages 1-6 and the stem, 80% of the
+# backbone's compute) every 6 (LCM 6: 3 phases). Gradual unfreezing: four
+# groups (eight stages unfrozen one by one would leave the lowest ones an
+# eighth of the run): the classifier, the last stage + head, stages 4-6, and
+# stages 1-3 with the stem.
+THREE_RATE_GROUPS = (("classifier", CLASSIFIER),
+                     ("last_stage", (*stage_block_names(-1), "head")),
+                     ("rest", None))
+UNFREEZING_GROUPS = (
+    ("classifier", CLASSIFIER),
+    ("last_stage", (*stage_block_names(-1), "head")),
+    ("middle", tuple(name for stage in (3, 4, 5)
+                     for name in stage_block_names(stage))),
+    ("bottom", None))
+
+
+def group_of(groups, path: str) -> str:
+  """The group (of ``groups``, pairs of a name and top-level modules, the
+  last ``None`` for the rest) that a '/'-joined parameter path is in.
+
+  Example:
+    >>> group_of(UNFREEZING_GROUPS, "blocks_9/conv/kernel")
+    'middle'
+    >>> group_of(UNFREEZING_GROUPS, "stem/conv/kernel")
+    'bottom'
+  """
+  module = top_module(path)
+  for name, modules in groups:
+    if modules is None or module in modules:
+      return name
+  raise ValueError(f"{path!r} is in none of the groups {groups!r}.")
+
+
+def _labels(groups) -> Callable[[PyTree], PyTree]:
+  """A timetable's labels function: each leaf's group (:func:`group_of`)."""
+  return lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: group_of(groups, mo.path_str(path)), params)
+
+
+def stage_depth(path: str) -> int:
+  """Layer-wise decay's depth of a parameter: 0 the classifier, 1 the conv
+  head and the last stage, 2 the stage below, ..., 7 the first stage, 8 the
+  stem.
+
+  Example:
+    >>> [stage_depth(p) for p in ("classifier/kernel", "head/conv/kernel",
+    ...                           "blocks_15/x", "blocks_0/x", "stem/x")]
+    [0, 1, 1, 7, 8]
+  """
+  module = top_module(path)
+  if module in CLASSIFIER:
+    return 0
+  if module == "head":
+    return 1
+  if module == "stem":
+    return 8
+  for stage in range(7):
+    if module in stage_block_names(stage):
+      return 7 - stage
+  raise ValueError(f"{path!r}: no stage depth for module {module!r}.")
 
 # Ranges bracketing the best validation accuracies of an exploration on the
 # validation split (32x32, 16-20 epochs, seeds 0-1, equal epochs for every
@@ -105,6 +184,12 @@ FULL_GRIDS = {
     "multirate_last_stage_k3": _MULTIRATE_GRID,
     "train_last_stage": {"learning_rate": (0.001, 0.003, 0.01)},
     "train_classifier": {"learning_rate": (0.01, 0.03, 0.1)},
+    # Issue 19's timetables: one point, as in QUICK_GRIDS (no grid search).
+    "multirate_three_rates": {"fast_learning_rate": (0.003,),
+                              "slow_learning_rate": (0.003,)},
+    "gradual_unfreezing": {"learning_rate": (0.003,)},
+    "gradual_unfreezing_discriminative": {"learning_rate": (0.003,)},
+    "train_all_llrd": {"learning_rate": (0.003,)},
 }
 # One grid point per method: what the equal-epochs full run's selection
 # picked (BatchNorm frozen; benchmarks/results/finetune_full.json).
@@ -120,6 +205,17 @@ QUICK_GRIDS = {
                                 "slow_learning_rate": (0.003,)},
     "train_last_stage": {"learning_rate": (0.003,)},
     "train_classifier": {"learning_rate": (0.1,)},
+    # Issue 19's timetables: no selection, the rates of the methods above
+    # (no grid search). Three-rate: multirate_last_stage's 0.003 per update
+    # for the classifier and the last stage, 0.003 per period for the rest.
+    # Gradual unfreezing and LLRD: 0.003 (the last stage's rate) for the
+    # top group; with / 2.6 or 0.8 per stage the middle of the network gets
+    # about train-all's 0.001.
+    "multirate_three_rates": {"fast_learning_rate": (0.003,),
+                              "slow_learning_rate": (0.003,)},
+    "gradual_unfreezing": {"learning_rate": (0.003,)},
+    "gradual_unfreezing_discriminative": {"learning_rate": (0.003,)},
+    "train_all_llrd": {"learning_rate": (0.003,)},
 }
 
 # The budget sweep's recipe grids (:mod:`experiments.finetune.recipes`): four
@@ -235,8 +331,39 @@ def make_optimizer(method: Method, rates: Rates, settings: Settings,
   The multirate slow optimizer's count advances once per cycle, so its decay
   spans ``steps / k`` slow updates.
   """
+  if method.timetable == "multirate_groups":
+    period_of = dict(method.periods)
+    return mo.multirate_groups(
+        {group: sgd_momentum(
+            rates["slow_learning_rate" if group == "rest"
+                  else "fast_learning_rate"], settings.momentum,
+            steps / period) for group, period in period_of.items()},
+        labels=_labels(THREE_RATE_GROUPS),
+        periods=period_of, drift=True)
+  if method.timetable == "gradual_unfreezing":
+    # Unfrozen at evenly spaced points of train-all's steps in the budget:
+    # the timetable is static (one program per phase, compiled once per
+    # method), so it cannot follow a run's re-planned steps; the run trains
+    # every group from the last point to its end. The cosine decay over the
+    # run is chained outside: a frozen group's update stays exactly 0.
+    order = tuple(name for name, _ in UNFREEZING_GROUPS)
+    nominal = max(len(order), round(method.budget_fraction * settings.epochs
+                                    * _steps_per_epoch(settings)))
+    timetable = mo.UnfreezingTimetable(
+        order, tuple(i * nominal // len(order) for i in range(len(order))))
+    return optax.chain(
+        mo.gradual_unfreezing(
+            optax.trace(decay=settings.momentum), timetable,
+            labels=_labels(UNFREEZING_GROUPS),
+            discriminative=method.discriminative),
+        cosine_decay(steps),
+        scale_by_rates({"rate": rates["learning_rate"]}, lambda path: "rate"))
   if not method.multirate:
-    return sgd_momentum(rates["learning_rate"], settings.momentum, steps)
+    optimizer = sgd_momentum(rates["learning_rate"], settings.momentum, steps)
+    if method.layerwise_decay is None:
+      return optimizer
+    return optax.chain(optimizer, mo.layerwise_decay(
+        method.layerwise_decay, depths=mo.depths_by_path(stage_depth)))
   period = method.period_in(settings)
   return mo.multirate(
       sgd_momentum(rates["fast_learning_rate"], settings.momentum, steps),
@@ -246,6 +373,19 @@ def make_optimizer(method: Method, rates: Rates, settings: Settings,
       period=period, drift=method.drift,
       # h_S per cycle: all on the slow step, or spread over the cycle.
       slow_scale=1.0 / period if method.drift else 1.0)
+
+
+@functools.lru_cache(maxsize=8)
+def _train_size(image_size: int, split_seed: int) -> int:
+  return len(load_digits_splits(image_size=image_size,
+                                seed=split_seed).train.labels)
+
+
+def _steps_per_epoch(settings: Settings) -> int:
+  """Train steps per epoch on the default digits split (gradual
+  unfreezing's points are planned in them)."""
+  return _train_size(settings.image_size,
+                     settings.split_seed) // settings.batch_size
 
 
 def describe(settings: Settings) -> str:
