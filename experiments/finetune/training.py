@@ -161,8 +161,11 @@ def warm_up(step, method: Method, optimizer: optax.GradientTransformation,
   start = clock()
   params, opt_state, state = jax.block_until_ready(
       run_steps(step, params, opt_state, state, [batch] * 2, key))
-  if method.timetabled:  # Every phase's program, not only the first two.
-    for count in phase_steps(mo.find_timetable_state(opt_state).timetable)[2:]:
+  if method.timetabled:  # Every phase's program, not only those of 0, 1.
+    timetable = mo.find_timetable_state(opt_state).timetable
+    for count in phase_steps(timetable):
+      if timetable.phase(count) in (timetable.phase(0), timetable.phase(1)):
+        continue
       params, opt_state, state = jax.block_until_ready(run_steps(
           step, params, at_count(opt_state, count), state, [batch], key,
           first=count))

@@ -18,6 +18,17 @@ steps with a cosine):
   k = 5 variants, for more time).
 * ``train_last_stage``: last stage, conv head and classifier only.
 * ``train_classifier``: the classifier only (a linear probe).
+* Issue 19's timetables (groups in ``THREE_RATE_GROUPS`` and
+  ``UNFREEZING_GROUPS``, depths in :func:`stage_depth`):
+  ``multirate_three_rates`` (:func:`multirate_optax.multirate_groups`, the
+  classifier every step, the last stage + conv head every 2, the rest every
+  6, with drift), ``gradual_unfreezing`` and
+  ``gradual_unfreezing_discriminative``
+  (:func:`multirate_optax.gradual_unfreezing`, four groups top-down, one more
+  at evenly spaced points of train-all's steps in the method's budget; the
+  second with rates / 2.6 per group downward) and ``train_all_llrd``
+  (train-all with :func:`multirate_optax.layerwise_decay`, 0.8 per stage).
+  Their rates are the existing methods' (no selection).
 
 Learning rates: a plain method has one, a multirate method two: the fast rate
 ``h_F`` (the fast parameters' SGD step size, every step) and the slow rate
