@@ -20,7 +20,7 @@ multirate the grid spans the fast set, drift and k); the table says which
 recipe won where. Without it, one recipe per method (the time protocol's
 selection) at every budget.
 
-The text task's full sweep uses every text (the time protocol's full
+The text tasks' (text, trec) full sweep uses every text (the time protocol's full
 split sizes); ``--quick`` its quick subset.
 
 JAX's persistent compilation cache is on (``--compilation-cache DIR``,
@@ -58,7 +58,10 @@ SWEPT = {
     "mnist": ("train_all", "multirate_classifier", "multirate_last_stage",
               "train_last_stage", "train_classifier"),
     "text": ("train_all", "multirate_head", "train_head"),
+    "trec": ("train_all", "multirate_head", "train_head"),
 }
+# The tasks whose validation split --validation-size may cut.
+TEXT_TASKS = ("text", "trec")
 
 
 def enable_compilation_cache(directory: Optional[Path]) -> None:
@@ -74,9 +77,9 @@ def _split_sizes(task, quick: bool, validation_size: Optional[int]):
   sizes = (task.quick if quick else task.full).split_sizes
   if validation_size is None:
     return sizes
-  if task.name != "text":
-    raise ValueError(f"--validation-size is for the text task, not "
-                     f"{task.name!r}.")
+  if task.name not in TEXT_TASKS:
+    raise ValueError(f"--validation-size is for the text tasks "
+                     f"{list(TEXT_TASKS)}, not {task.name!r}.")
   train, _, test = sizes or (None, None, None)
   return (train, validation_size, test)
 

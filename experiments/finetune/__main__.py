@@ -6,6 +6,7 @@ Run from the repository root::
   python -m experiments.finetune --full         # the vision experiment
   python -m experiments.finetune --task text    # quick text run
   python -m experiments.finetune --task text --full
+  python -m experiments.finetune --task trec    # quick run, TREC questions
   python -m experiments.finetune --data my_images.npz          # your images
   python -m experiments.finetune --task text --data mine.csv   # your texts
 
@@ -40,7 +41,7 @@ def parse_args(
       "every baseline, accuracy against training time: EfficientNet-Lite0 on "
       "the digits (vision) or all-MiniLM-L6-v2 on Rotten Tomatoes (text).")
   parser.add_argument("--task", choices=tuple(TASKS), default="vision",
-                      help="vision (default), mnist or text")
+                      help="vision (default), mnist, text or trec")
   parser.add_argument("--full", action="store_true",
                       help="the full experiment: 3 seeds, rates selected on "
                       "validation, more epochs and data; default is a quick "

@@ -115,7 +115,8 @@ class Settings:
 
   Attributes:
     task: ``'vision'``, ``'mnist'`` (the vision task's model on other
-      digits: the vision fields apply) or ``'text'``.
+      digits: the vision fields apply), ``'text'`` or ``'trec'`` (the text
+      task's model on other texts: the text fields apply).
     epochs: train-all's passes over the train split (a fraction of one
       allowed: that share of an epoch's steps). Train-all's training
       time on a seed is every other method's time budget on that seed; the
@@ -167,9 +168,9 @@ class Settings:
                               Optional[int]]] = None
 
   def __post_init__(self):
-    if self.task not in ("vision", "mnist", "text"):
-      raise ValueError(f"task must be 'vision', 'mnist' or 'text', got "
-                       f"{self.task!r}.")
+    if self.task not in ("vision", "mnist", "text", "trec"):
+      raise ValueError(f"task must be 'vision', 'mnist', 'text' or 'trec', "
+                       f"got {self.task!r}.")
     if self.clock not in ("wall", "process"):
       raise ValueError(
           f"clock must be 'wall' or 'process', got {self.clock!r}.")

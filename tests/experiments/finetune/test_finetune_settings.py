@@ -70,7 +70,7 @@ def test_share_updated_every_step(efficientnet_params):
 def test_settings_refuse_an_unknown_batch_norm_mode_or_task():
   with pytest.raises(ValueError, match="bn must be 'frozen' or 'train'"):
     dataclasses.replace(QUICK, bn="eval")
-  with pytest.raises(ValueError, match="task must be 'vision', 'mnist' or 'text'"):
+  with pytest.raises(ValueError, match="task must be 'vision', 'mnist', 'text' or 'trec'"):
     dataclasses.replace(QUICK, task="audio")
 
 
