@@ -23,6 +23,10 @@ selection) at every budget.
 The text tasks' (text, trec) full sweep uses every text (the time protocol's full
 split sizes); ``--quick`` its quick subset.
 
+Text batches are cut to the shortest multiple of 8 tokens that fits their
+longest text (the same texts per batch; ``--no-bucketing``: all padded to
+the maximum, :mod:`experiments.finetune.tasks.text`).
+
 JAX's persistent compilation cache is on (``--compilation-cache DIR``,
 default ``~/.cache/multirate_optax/jax``; ``--no-compilation-cache`` turns it
 off): the variants of one method compile the same programs.
@@ -110,6 +114,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                       "test split stays whole), to cut evaluation cost")
   parser.add_argument("--clock", choices=("wall", "process"),
                       default="process")
+  parser.add_argument("--no-bucketing", action="store_true",
+                      help="text: every batch padded to the maximum length "
+                      "(default: cut to the shortest multiple of 8 tokens "
+                      "that fits its longest text)")
   parser.add_argument("--compilation-cache", type=Path, default=DEFAULT_CACHE)
   parser.add_argument("--no-compilation-cache", action="store_true")
   parser.add_argument("--out", type=Path, default=RESULTS)
@@ -125,7 +133,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       task.quick, epochs=1 if args.quick else args.epochs,
       seeds=tuple(range(1 if args.quick else args.seeds)), clock=args.clock,
       split_sizes=_split_sizes(task, args.quick, args.validation_size),
-      evaluations=args.evaluations or task.quick.evaluations)
+      evaluations=args.evaluations or task.quick.evaluations,
+      bucketing=not args.no_bucketing)
   if args.grid:
     grids = task.recipes
     if args.methods:

@@ -1,7 +1,7 @@
 """Data for the fine-tuning experiments: stratified splits, scikit-learn's
-digits, labelled texts (Rotten Tomatoes, your CSV), minibatches."""
+digits, labelled texts (Rotten Tomatoes, your CSV), minibatches, length buckets."""
 
-from experiments.data.batches import shuffled_batches
+from experiments.data.batches import LengthBuckets, shuffled_batches
 from experiments.data.digits import (
     IMAGENET_MEAN, IMAGENET_STD, NUM_DIGIT_CLASSES, digits_to_images,
     load_digits_splits)
@@ -17,6 +17,7 @@ __all__ = (
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "LabelledTexts",
+    "LengthBuckets",
     "NUM_DIGIT_CLASSES",
     "ROTTEN_TOMATOES_CLASSES",
     "Splits",

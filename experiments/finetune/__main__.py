@@ -68,6 +68,11 @@ def parse_args(
                       help="vision: override the side of the digit images")
   parser.add_argument("--max-length", type=int,
                       help="text: override the tokens per text")
+  parser.add_argument("--no-bucketing", action="store_true",
+                      help="text: pad every batch to --max-length rather "
+                      "than cut it to the shortest multiple of 8 tokens that "
+                      "fits its longest text (the same texts in each batch "
+                      "either way)")
   parser.add_argument("--clock", choices=("wall", "process"),
                       default="wall",
                       help="training time as wall-clock seconds (default) "
@@ -78,7 +83,8 @@ def parse_args(
   args = parser.parse_args(argv)
   task = TASKS[args.task]
   settings = task.full if args.full else task.quick
-  overrides = {"bn": args.bn, "clock": args.clock}
+  overrides = {"bn": args.bn, "clock": args.clock,
+               "bucketing": not args.no_bucketing}
   if args.epochs is not None:
     overrides["epochs"] = args.epochs
   if args.seeds is not None:

@@ -27,7 +27,8 @@ from experiments.finetune.settings import (
     Method, Rates, Settings, share_updated_every_step)
 from experiments.finetune.tasks import Task
 from experiments.finetune.training import (
-    Clock, Plan, Run, correct, make_step, train_and_evaluate, warm_up)
+    Clock, Plan, Run, correct, make_step, train_and_evaluate, train_buckets,
+    warm_up)
 
 PyTree = Any
 
@@ -131,12 +132,18 @@ def run_method(task: Task, method: Method, pretrained: Any, splits: Splits,
                    optimizer(candidates[0], epoch_steps), variables["params"])
   predict = task.make_predict(model)
   eval_batch_size = 4 * settings.batch_size
+  # Token inputs: evaluation batches at every bucket, train batches at the
+  # buckets their seeds' batches need; every train program compiled here.
+  eval_buckets = task.length_buckets(settings)
+  buckets = None if eval_buckets is None else train_buckets(
+      eval_buckets, splits.train, settings.batch_size, settings.seeds,
+      step_cap(epoch_steps, settings.max_epochs_factor))
   progress.set_postfix_str(f"{method.name}: compiling")
   compile_seconds, step_seconds = warm_up(
       step, method, optimizer(candidates[0], epoch_steps), variables,
       splits.train, settings.batch_size,
       probe_steps=0 if budgets is None else probe_steps(method, settings),
-      clock=clock)
+      clock=clock, buckets=buckets)
 
   def plan(seed: int) -> Plan:
     budget = (None if budgets is None
@@ -150,14 +157,15 @@ def run_method(task: Task, method: Method, pretrained: Any, splits: Splits,
 
   def validate(trained: PyTree) -> float:
     return float(np.mean(correct(predict, trained, splits.validation,
-                                 eval_batch_size)))
+                                 eval_batch_size, buckets=eval_buckets)))
 
   def train(rates: Rates, seed: int) -> tuple[Plan, Run]:
     seed_plan = plan(seed)
     run = train_and_evaluate(
         step, method, optimizer(rates, seed_plan.steps),
         task.fresh_variables(pretrained, seed, splits.num_classes)[1],
-        splits.train, seed_plan, settings.batch_size, seed, validate, clock)
+        splits.train, seed_plan, settings.batch_size, seed, validate, clock,
+        buckets)
     progress.update(1)
     return seed_plan, run
 
@@ -181,8 +189,9 @@ def run_method(task: Task, method: Method, pretrained: Any, splits: Splits,
     trained_runs.append((seed, seed_plan, run))
 
   def test_runs(test_split: bool = True) -> list[dict[str, Any]]:
-    score = (lambda trained: correct(predict, trained, splits.test,
-                                     eval_batch_size)) if test_split else None
+    score = (lambda trained: correct(
+        predict, trained, splits.test, eval_batch_size,
+        buckets=eval_buckets)) if test_split else None
     return [tested(run, seed, seed_plan, steps_per_epoch, score,
                    test_budget_only)
             for seed, seed_plan, run in trained_runs]
@@ -193,6 +202,7 @@ def run_method(task: Task, method: Method, pretrained: Any, splits: Splits,
       "rates": rates, "selection": selection,
       "runs": test_runs(test_split=test),
       "compile_seconds": compile_seconds, "probe_step_seconds": step_seconds,
+      "train_bucket_lengths": None if buckets is None else buckets.lengths,
       "share_updated_every_step": share,
   }
   if test:

@@ -146,6 +146,11 @@ class Settings:
     weight_decay: text: AdamW's decoupled weight decay.
     split_sizes: text: at most this many train, validation and test
       examples (``None``: the whole split), for quick runs.
+    bucketing: text: each batch cut to the shortest multiple of 8 tokens
+      (or ``max_length``) that fits its longest text, rather than padded to
+      ``max_length``; the train batches hold the same texts in the same
+      order (:mod:`experiments.finetune.tasks.text`). ``False``: every batch
+      at ``max_length``.
   """
   task: str
   epochs: float
@@ -166,6 +171,7 @@ class Settings:
   weight_decay: float = 0.01
   split_sizes: Optional[tuple[Optional[int], Optional[int],
                               Optional[int]]] = None
+  bucketing: bool = True
 
   def __post_init__(self):
     if self.task not in ("vision", "mnist", "text", "trec"):

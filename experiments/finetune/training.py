@@ -18,6 +18,12 @@ batching included), blocked on the state at each evaluation point; the clock
 stops while the model is evaluated (:func:`train_and_evaluate`). A budgeted
 run re-plans its steps at each evaluation point from the speed measured so
 far: a probe of a few steps on a shared CPU can be off by half.
+
+Token inputs can be bucketed (:class:`experiments.data.LengthBuckets`): each
+train batch (the same examples, in the same order) and each evaluation batch
+cut to the shortest of a few lengths that fits its longest text; the warm-up
+then compiles every program at every bucket length, so the clock never
+includes a compile.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments.data import shuffled_batches
+from experiments.data import LengthBuckets, shuffled_batches
 from experiments.finetune.optimizers import rescale_decay
 from experiments.finetune.settings import Method, trained_modules
 import multirate_optax as mo
@@ -107,20 +113,43 @@ def dropout_key(seed: int) -> jax.Array:
   return jax.random.key(seed, impl="rbg")
 
 
-def batches(data: Examples, batch_size: int, seed: int,
-            steps: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def batches(data: Examples, batch_size: int, seed: int, steps: int,
+            buckets: Optional[LengthBuckets] = None,
+            ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """``steps`` minibatches: shuffled epochs one after another, the last cut
-  short (the same first batches whatever ``steps``)."""
+  short (the same first batches whatever ``steps``).
+
+  With ``buckets`` (token inputs), each batch is cut to the bucket of its
+  longest text; which examples a batch holds, and in which order, is the
+  same as without.
+  """
   inputs, labels = data
   epoch, produced = 0, 0
   while produced < steps:
-    for batch in shuffled_batches(inputs, labels, batch_size, seed=seed,
-                                  epoch=epoch):
-      yield batch
+    for batch_inputs, batch_labels in shuffled_batches(
+        inputs, labels, batch_size, seed=seed, epoch=epoch):
+      yield (batch_inputs if buckets is None else buckets.trim(batch_inputs),
+             batch_labels)
       produced += 1
       if produced == steps:
         return
     epoch += 1
+
+
+def train_buckets(buckets: LengthBuckets, data: Examples, batch_size: int,
+                  seeds: Iterable[int], steps: int,
+                  min_share: float = 0.05) -> LengthBuckets:
+  """The buckets the training batches of ``seeds`` need, up to ``steps``
+  each: those that at least ``min_share`` of the batches fall in, and the
+  longest (:meth:`~experiments.data.LengthBuckets.used_by`).
+
+  A batch of a bucket left out goes to the next longer one kept, so that
+  the warm-up compiles no program for a length few steps would use.
+  """
+  longest = [int(LengthBuckets.text_lengths(inputs).max(initial=0))
+             for seed in seeds
+             for inputs, _ in batches(data, batch_size, seed, steps)]
+  return buckets.used_by(np.asarray(longest, np.int64), min_share)
 
 
 def split_variables(variables: Mapping[str, Any]) -> tuple[PyTree, PyTree]:
@@ -142,33 +171,42 @@ def run_steps(step, params, opt_state, state, steps: Iterable[tuple],
 def warm_up(step, method: Method, optimizer: optax.GradientTransformation,
             variables: Mapping[str, Any], data: Examples, batch_size: int,
             probe_steps: int = 0,
-            clock: Clock = time.perf_counter) -> tuple[float, Optional[float]]:
+            clock: Clock = time.perf_counter,
+            buckets: Optional[LengthBuckets] = None,
+            ) -> tuple[float, Optional[float]]:
   """Compiles every program of ``step`` on ``variables`` (a throwaway copy),
   then times ``probe_steps`` more steps.
 
   Two steps compile: the first is a multirate slow step, the second a fast
   one. A multirate probe should cover whole cycles, so that its mean is the
-  mean over a cycle.
+  mean over a cycle. With ``buckets`` (token inputs), every program at every
+  bucket length (the first batch cut to it): ``len(buckets.lengths)`` times
+  the phases; the probe runs at the longest.
 
   Returns:
-    The seconds of the two compiling steps (compilation and one run of each
+    The seconds of the compiling steps (compilation and one run of each
     program), and the mean seconds of a probed step (``None`` without probe).
   """
   params, state = split_variables(variables)
   opt_state = init_optimizer_state(method, optimizer, params)
-  batch = (data[0][:batch_size], data[1][:batch_size])
+  inputs, labels = data[0][:batch_size], data[1][:batch_size]
   key = dropout_key(0)
   start = clock()
-  params, opt_state, state = jax.block_until_ready(
-      run_steps(step, params, opt_state, state, [batch] * 2, key))
-  if method.timetabled:  # Every phase's program, not only those of 0, 1.
-    timetable = mo.find_timetable_state(opt_state).timetable
-    for count in phase_steps(timetable):
-      if timetable.phase(count) in (timetable.phase(0), timetable.phase(1)):
-        continue
-      params, opt_state, state = jax.block_until_ready(run_steps(
-          step, params, at_count(opt_state, count), state, [batch], key,
-          first=count))
+  lengths = [None] if buckets is None else buckets.lengths
+  for index, length in enumerate(lengths):  # The longest last: the probe's.
+    batch = (inputs if length is None else inputs[..., :length], labels)
+    if method.timetabled and index:  # From the first phase again.
+      opt_state = at_count(opt_state, 0)
+    params, opt_state, state = jax.block_until_ready(
+        run_steps(step, params, opt_state, state, [batch] * 2, key))
+    if method.timetabled:  # Every phase's program, not only those of 0, 1.
+      timetable = mo.find_timetable_state(opt_state).timetable
+      for count in phase_steps(timetable):
+        if timetable.phase(count) in (timetable.phase(0), timetable.phase(1)):
+          continue
+        params, opt_state, state = jax.block_until_ready(run_steps(
+            step, params, at_count(opt_state, count), state, [batch], key,
+            first=count))
   compile_seconds = clock() - start
   if not probe_steps:
     return compile_seconds, None
@@ -264,7 +302,8 @@ def train_and_evaluate(
     variables: Mapping[str, Any], data: Examples, plan: Plan,
     batch_size: int, seed: int,
     validate: Optional[Callable[[PyTree], float]] = None,
-    clock: Clock = time.perf_counter) -> Run:
+    clock: Clock = time.perf_counter,
+    buckets: Optional[LengthBuckets] = None) -> Run:
   """Trains from ``variables`` (consumed) along ``plan``; evaluates on the way.
 
   Args:
@@ -280,6 +319,9 @@ def train_and_evaluate(
       ``None``: no evaluation (a plain timed run).
     clock: seconds, e.g. :func:`time.perf_counter`; a parameter for the
       tests.
+    buckets: token inputs: each batch cut to the bucket of its longest text
+      (:func:`batches`); the step must have been warmed up at every bucket
+      length (:func:`warm_up`), or a new length compiles on the clock.
   """
   params, state = split_variables(variables)
   opt_state = init_optimizer_state(method, optimizer, params)
@@ -305,7 +347,7 @@ def train_and_evaluate(
   if validate is not None:
     evaluate(0, 0.0)
   elapsed, done, start = 0.0, 0, clock()
-  for inputs, labels in batches(data, batch_size, seed, max_steps):
+  for inputs, labels in batches(data, batch_size, seed, max_steps, buckets):
     params, opt_state, (_, state) = step(
         params, opt_state, state, inputs, labels, key, np.int32(done))
     done += 1
@@ -332,21 +374,37 @@ def train_and_evaluate(
 
 
 def correct(predict: Callable[[PyTree, np.ndarray], Any], variables: PyTree,
-            data: Examples, batch_size: int) -> np.ndarray:
+            data: Examples, batch_size: int,
+            buckets: Optional[LengthBuckets] = None) -> np.ndarray:
   """Whether each example of ``data`` is classified correctly (booleans, in
-  the split's order), in batches of one fixed size."""
+  the split's order), in batches of one fixed size.
+
+  With ``buckets`` (token inputs), the examples go shortest first, each
+  batch cut to the bucket of its longest text: ``predict`` compiles once per
+  bucket, and a batch of short texts costs less. Each example's prediction
+  is its own (to float rounding), and the hits are put back in the split's
+  order.
+  """
   inputs, labels = data
-  hits = []
+  order = (np.argsort(LengthBuckets.text_lengths(inputs), kind="stable")
+           if buckets is not None else np.arange(len(labels)))
+  inputs, labels = inputs[order], labels[order]
+  hits = np.zeros(len(labels), bool)
   for start in range(0, len(labels), batch_size):
     chunk = inputs[start:start + batch_size]
     padded = np.pad(chunk, ((0, batch_size - len(chunk)),)
                     + ((0, 0),) * (chunk.ndim - 1))
+    if buckets is not None:
+      padded = buckets.trim(padded)
     predicted = np.asarray(predict(variables, padded))[:len(chunk)]
-    hits.append(predicted == labels[start:start + batch_size])
-  return np.concatenate(hits).astype(bool)
+    hits[order[start:start + batch_size]] = (
+        predicted == labels[start:start + batch_size])
+  return hits
 
 
 def accuracy(predict: Callable[[PyTree, np.ndarray], Any], variables: PyTree,
-             data: Examples, batch_size: int) -> float:
-  """Share of ``data`` classified correctly, in batches of one fixed size."""
-  return float(np.mean(correct(predict, variables, data, batch_size)))
+             data: Examples, batch_size: int,
+             buckets: Optional[LengthBuckets] = None) -> float:
+  """Share of ``data`` classified correctly (:func:`correct`)."""
+  return float(np.mean(correct(predict, variables, data, batch_size,
+                               buckets)))

@@ -10,7 +10,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import optax
 
-from experiments.data import Splits
+from experiments.data import LengthBuckets, Splits
 from experiments.finetune.settings import Method, Rates, Settings
 
 PyTree = Any
@@ -51,6 +51,11 @@ class Task:
     recipes: the recipe grids of the budget sweep with a recipe per budget
       (:mod:`experiments.finetune.recipes`): ``{family: ((method name,
       {rate: values}), ...)}``, every family's grid of the same size.
+    bucketing: ``settings -> LengthBuckets or None``: token inputs cut, per
+      batch, to the shortest bucket that fits its longest text (evaluation
+      at every bucket, training at those its batches need,
+      :func:`~experiments.finetune.training.train_buckets`); ``None`` (and
+      the default): every batch at its stored shape.
   """
   name: str
   model_name: str
@@ -68,6 +73,11 @@ class Task:
   describe: Callable[[Settings], str]
   recipes: Mapping[str, Sequence[tuple[str, Mapping[str, tuple[float, ...]]]]
                    ] = dataclasses.field(default_factory=dict)
+  bucketing: Optional[Callable[[Settings], Optional[LengthBuckets]]] = None
+
+  def length_buckets(self, settings: Settings) -> Optional[LengthBuckets]:
+    """The buckets of a run under ``settings`` (``None``: none)."""
+    return None if self.bucketing is None else self.bucketing(settings)
 
   def method(self, name: str) -> Method:
     """The method called ``name``."""

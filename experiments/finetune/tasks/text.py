@@ -7,6 +7,20 @@ fine-tuned on the 4,866 Rotten Tomatoes snippets (fresh/rotten, stratified
 tokenised once to ``max_length`` tokens (token ids and attention masks
 stacked along axis 1 of one int32 array).
 
+Bucketing (``Settings.bucketing``, on by default; ``--no-bucketing``): each
+batch is cut to the shortest multiple of 8 tokens up to ``max_length`` that
+fits its longest text (:class:`experiments.data.LengthBuckets`), the mask
+doing the rest. Train batches hold the same texts in the same order as
+without; evaluation goes through the texts shortest first (a prediction
+does not depend on its batch). The warm-up compiles the train step at every
+bucket the seeds' train batches use in at least 5% of steps (others go to the
+next longer bucket), so the clock never includes a compile. On Rotten
+Tomatoes at 48 tokens nearly every batch of 32 random texts holds one of 41
+or more tokens: training stays at 48, evaluation gains. Dropout masks are
+drawn at the batch's shape, so a bucketed run's dropout differs from an
+unbucketed one's (same distribution); without dropout the two agree to float
+rounding.
+
 Optimizer: AdamW (PyTorch's defaults, weight decay 0.01), every rate decayed
 to 0 over the run's planned steps with a cosine. SGD with momentum did badly
 in a PyTorch probe (train-all below head-only, multirate diverged), so the
@@ -46,8 +60,8 @@ import numpy as np
 import optax
 
 from experiments.data import (
-    LabelledTexts, Splits, load_labelled_csv, load_rotten_tomatoes,
-    split_texts)
+    LabelledTexts, LengthBuckets, Splits, load_labelled_csv,
+    load_rotten_tomatoes, split_texts)
 from experiments.finetune.optimizers import adamw
 from experiments.finetune.settings import Method, Rates, Settings, top_module
 from experiments.finetune.tasks.task import Task
@@ -257,12 +271,31 @@ def make_optimizer(method: Method, rates: Rates, settings: Settings,
       slow_scale=1.0 / period if method.drift else 1.0)
 
 
+# Bucket lengths: multiples of 8 tokens up to max_length.
+BUCKET_MULTIPLE = 8
+
+
+def length_buckets(settings: Settings) -> Optional[LengthBuckets]:
+  """Multiples of :data:`BUCKET_MULTIPLE` up to ``settings.max_length``
+  (``None`` without ``settings.bucketing``).
+
+  Example:
+    >>> from experiments.finetune.tasks.text import FULL, length_buckets
+    >>> length_buckets(FULL).lengths
+    (8, 16, 24, 32, 40, 48)
+  """
+  if not settings.bucketing:
+    return None
+  return LengthBuckets.multiples(BUCKET_MULTIPLE, settings.max_length)
+
+
 def describe(settings: Settings) -> str:
   sizes = ("" if settings.split_sizes is None else
            " (at most " + "/".join("all" if n is None else str(n)
                                    for n in settings.split_sizes)
            + " train/validation/test texts)")
-  return f"{settings.max_length} tokens{sizes}"
+  buckets = "" if settings.bucketing else ", no bucketing"
+  return f"{settings.max_length} tokens{sizes}{buckets}"
 
 
 TEXT = Task(
@@ -271,4 +304,4 @@ TEXT = Task(
     load_splits=load_splits, load_pretrained=load_pretrained_minilm,
     fresh_variables=fresh_variables, make_loss=make_loss,
     make_predict=make_predict, make_optimizer=make_optimizer,
-    describe=describe, recipes=RECIPES)
+    describe=describe, recipes=RECIPES, bucketing=length_buckets)

@@ -148,11 +148,11 @@ def tiny_run(tiny_pretrained, tiny_splits, tmp_path_factory):
     trained.append(args[7])  # the seed
     return in_phase("training", real_train)(*args)
 
-  def spy_correct(predict, variables, data, batch_size):
+  def spy_correct(predict, variables, data, batch_size, **kwargs):
     phase = "selecting" if "selecting" in phases else (
         phases[-1] if phases else "after")
     evaluated.append((phase, data))
-    return real_correct(predict, variables, data, batch_size)
+    return real_correct(predict, variables, data, batch_size, **kwargs)
 
   monkeypatch.setattr(selection, "correct", spy_correct)
   monkeypatch.setattr(selection, "select_rates",
@@ -173,7 +173,9 @@ def tiny_text_run(tiny_text_pretrained, tiny_text_splits, tmp_path_factory):
   """A whole text run on the tiny encoder (train-all, multirate with the head
   fast, head only, multirate planned for half of train-all's time);
   ``(settings, report, paths)``."""
-  settings = make_tiny_settings(TEXT, methods=TINY_TEXT_METHODS)
+  # The tiny texts' 12 tokens: bucketed at 8 and 12.
+  settings = make_tiny_settings(TEXT, methods=TINY_TEXT_METHODS,
+                                max_length=12)
   report = run_experiment(TEXT, settings, tiny_text_splits,
                           pretrained=tiny_text_pretrained)
   paths = write_outputs(report, tmp_path_factory.mktemp("finetune_text"))

@@ -28,9 +28,9 @@ def recipe_sweep(tiny_pretrained, tiny_splits, tiny_settings):
   evaluated, trained = [], []
   real_correct, real_train = selection.correct, selection.train_and_evaluate
 
-  def spy_correct(predict, variables, data, batch_size):
+  def spy_correct(predict, variables, data, batch_size, **kwargs):
     evaluated.append(data)
-    return real_correct(predict, variables, data, batch_size)
+    return real_correct(predict, variables, data, batch_size, **kwargs)
 
   def spy_train(*args):
     trained.append(args[7])  # the seed

@@ -95,6 +95,10 @@ def test_a_whole_text_run(tiny_text_run, tiny_text_splits):
   assert report["task"] == "text" and report["model"] == "all-MiniLM-L6-v2"
   names = [method["name"] for method in report["methods"]]
   assert names == list(settings.methods)
+  # Bucketed (12 tokens: buckets 8 and 12); batches of 16 need 12.
+  assert settings.bucketing and report["settings"]["bucketing"]
+  for method in report["methods"]:
+    assert method["train_bucket_lengths"] == (12,)
   budget = report["methods"][0]["runs"][0]["train_seconds"]
   for method in report["methods"][1:]:
     share = 0.5 if method["name"].endswith("_half") else 1.0

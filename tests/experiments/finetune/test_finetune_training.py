@@ -167,9 +167,9 @@ def test_budgets_and_clock_of_a_whole_run_exclude_compilation_and_evaluation(
 
     return timed
 
-  def slow_correct(*args):
+  def slow_correct(*args, **kwargs):
     clock.now += 100.0
-    return real_correct(*args)
+    return real_correct(*args, **kwargs)
 
   monkeypatch.setattr(selection, "make_step", timed_make_step)
   monkeypatch.setattr(selection, "correct", slow_correct)
