@@ -7,6 +7,7 @@ Timings and accuracies are not asserted on (they depend on the machine and
 on a few steps of training).
 """
 
+import base64
 import dataclasses
 import json
 import math
@@ -23,6 +24,14 @@ from experiments.finetune.tasks import VISION
 from _tiny_efficientnet import TinyNet
 
 SIZES = (128, 40, 30)
+
+
+def hits(point):
+  """Which of the 30 test examples a tested point got right, unpacked by
+  hand (base64 of numpy's packed bits)."""
+  bits = np.unpackbits(np.frombuffer(
+      base64.b64decode(point["test_correct"]), np.uint8))
+  return bits[:SIZES[2]].astype(bool)
 
 
 def tiny_task():
@@ -115,13 +124,16 @@ def test_differences_and_speedups_follow_their_definitions(result):
       return next(p for p in points if p["validation_accuracy"] == best)
 
     mine, theirs = chosen(runs[name]), chosen(runs["train_all@0.5"])
-    # One seed: the difference, and the binomial half-widths of both means
-    # in quadrature (sweep.difference's conservative form).
+    # One seed, paired by test example (McNemar): the per-example
+    # differences' spread over the 30 test examples.
     a, b = mine["test_accuracy"], theirs["test_accuracy"]
     assert row["difference_mean"] == pytest.approx(100 * (a - b))
+    assert row["pairing"] == "seeds and test examples"
+    d = hits(mine).astype(float) - hits(theirs)
+    assert d.mean() == pytest.approx(a - b)
     z = stats.norm.ppf(0.975)
     assert row["difference_half_width"] == pytest.approx(
-        100 * z * math.sqrt((a * (1 - a) + b * (1 - b)) / 30))
+        100 * z * d.std(ddof=1) / math.sqrt(30))
     low = row["difference_mean"] - row["difference_half_width"]
     high = row["difference_mean"] + row["difference_half_width"]
     assert row["verdict"] == ("met" if low >= 0 else "missed" if high < 0
