@@ -6,7 +6,8 @@ from experiments.data.digits import (
     IMAGENET_MEAN, IMAGENET_STD, NUM_DIGIT_CLASSES, digits_to_images,
     load_digits_splits)
 from experiments.data.splits import (
-    Dataset, Splits, stratified_split_indices, stratified_splits)
+    Dataset, Splits, stratified_split_indices, stratified_splits,
+    stratified_subset)
 from experiments.data.texts import (
     ROTTEN_TOMATOES_CLASSES, LabelledTexts, TextSplits, labelled_texts,
     load_labelled_csv, load_rotten_tomatoes, rotten_tomatoes_path,
@@ -32,4 +33,5 @@ __all__ = (
     "split_texts",
     "stratified_split_indices",
     "stratified_splits",
+    "stratified_subset",
 )

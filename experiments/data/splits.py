@@ -1,7 +1,9 @@
 """Stratified train/validation/test splits of any ``(images, labels)`` arrays.
 
 :func:`stratified_split_indices` splits the indices of any labelled examples
-(texts too); :func:`stratified_splits` applies it to image arrays.
+(texts too); :func:`stratified_splits` applies it to image arrays;
+:func:`stratified_subset` keeps a share of one split (fewer training
+examples, same class proportions).
 """
 
 from __future__ import annotations
@@ -137,3 +139,44 @@ def stratified_splits(
                                      test_fraction, seed)
   labels = labels.astype(np.int32)
   return Splits(*(Dataset(images[split], labels[split]) for split in indices))
+
+
+def stratified_subset(data: Dataset, fraction: float, seed: int = 0
+                      ) -> Dataset:
+  """A share of ``data``'s examples, with the same class proportions.
+
+  Args:
+    data: one split (e.g. the train split of :func:`stratified_splits`).
+    fraction: share of the examples kept, in (0, 1]; 1 returns ``data``
+      itself. Rounded to a whole number of examples, at least one per class.
+    seed: fixes which examples are kept; the same seed always keeps the same.
+
+  Returns:
+    The kept examples, in their order in ``data``.
+
+  Example:
+    >>> import numpy as np
+    >>> from experiments.data import Dataset, stratified_subset
+    >>> data = Dataset(np.arange(40.0).reshape(40, 1, 1, 1), np.arange(40) % 4)
+    >>> kept = stratified_subset(data, 0.5, seed=0)
+    >>> len(kept.labels), np.bincount(kept.labels).tolist()
+    (20, [5, 5, 5, 5])
+    >>> bool(np.all(kept.images[:, 0, 0, 0] % 4 == kept.labels))  # pairs kept
+    True
+  """
+  labels = np.asarray(data.labels)
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f"fraction must be in (0, 1], got {fraction!r}.")
+  if fraction == 1.0:
+    return data
+  num_classes = len(np.unique(labels))
+  size = round(fraction * len(labels))
+  if size < num_classes:
+    raise ValueError(
+        f"fraction={fraction} keeps {size} of {len(labels)} examples, fewer "
+        f"than one per class ({num_classes}); keep a larger share.")
+  kept, _ = sklearn.model_selection.train_test_split(
+      np.arange(len(labels)), train_size=size, stratify=labels,
+      random_state=np.random.RandomState(seed))
+  kept = np.sort(kept)
+  return Dataset(data.images[kept], data.labels[kept])

@@ -78,3 +78,29 @@ def test_split_indices_are_the_splits_of_stratified_splits():
     np.testing.assert_array_equal(index, indices_of(split))
   with pytest.raises(ValueError, match=r"labels must have shape \(n,\)"):
     stratified_split_indices(labels.reshape(20, 10))
+
+
+def test_a_stratified_subset_keeps_rows_and_class_shares():
+  from experiments.data import Dataset, stratified_subset
+  images, labels = toy(n=400)
+  data = Dataset(images, labels.astype(np.int32))
+  kept = stratified_subset(data, 0.25, seed=3)
+  assert len(kept.labels) == 100
+  rows = indices_of(kept)
+  assert list(rows) == sorted(set(rows))  # distinct, in the data's order
+  np.testing.assert_array_equal(kept.images, images[rows])
+  np.testing.assert_array_equal(kept.labels, labels[rows])
+  # Each class keeps a quarter of its examples, to within one.
+  for c, n in enumerate(np.bincount(labels)):
+    assert abs(np.sum(kept.labels == c) - n / 4) <= 1
+  again = stratified_subset(data, 0.25, seed=3)
+  np.testing.assert_array_equal(indices_of(again), rows)
+  assert stratified_subset(data, 1.0) is data
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.5, 0.005])
+def test_a_stratified_subset_refuses_bad_fractions(fraction):
+  from experiments.data import Dataset, stratified_subset
+  images, labels = toy(n=400)
+  with pytest.raises(ValueError, match="fraction"):
+    stratified_subset(Dataset(images, labels), fraction)
