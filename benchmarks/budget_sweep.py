@@ -25,7 +25,8 @@ split sizes); ``--quick`` its quick subset.
 
 JAX's persistent compilation cache is on (``--compilation-cache DIR``,
 default ``~/.cache/multirate_optax/jax``; ``--no-compilation-cache`` turns it
-off): the variants of one method compile the same programs.
+off; :mod:`experiments.compilation_cache`): the variants of one method compile
+the same programs.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-import jax
-
+from experiments.compilation_cache import (
+    add_compilation_cache_arguments, compilation_cache_directory,
+    enable_compilation_cache)
 from experiments.finetune.experiment import run_experiment
 from experiments.finetune.recipes import run_recipe_sweep
 from experiments.finetune.reporting import _json_safe
@@ -49,7 +51,6 @@ from experiments.finetune.sweep import (
 from experiments.finetune.tasks import TASKS
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_CACHE = Path.home() / ".cache" / "multirate_optax" / "jax"
 # The methods swept, per task: train-all, the baselines of the targets and
 # the multirate variants among which validation chooses.
 SWEPT = {
@@ -59,15 +60,6 @@ SWEPT = {
               "train_last_stage", "train_classifier"),
     "text": ("train_all", "multirate_head", "train_head"),
 }
-
-
-def enable_compilation_cache(directory: Optional[Path]) -> None:
-  """JAX's persistent compilation cache in ``directory`` (``None``: off)."""
-  if directory is None:
-    return
-  directory.mkdir(parents=True, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", str(directory))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def _split_sizes(task, quick: bool, validation_size: Optional[int]):
@@ -107,14 +99,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                       "test split stays whole), to cut evaluation cost")
   parser.add_argument("--clock", choices=("wall", "process"),
                       default="process")
-  parser.add_argument("--compilation-cache", type=Path, default=DEFAULT_CACHE)
-  parser.add_argument("--no-compilation-cache", action="store_true")
+  add_compilation_cache_arguments(parser)
   parser.add_argument("--out", type=Path, default=RESULTS)
   parser.add_argument("--name", help="the outputs' file name without "
                       "extension (default budget_sweep_<task>[_grid][_quick])")
   args = parser.parse_args(argv)
-  enable_compilation_cache(
-      None if args.no_compilation_cache else args.compilation_cache)
+  enable_compilation_cache(compilation_cache_directory(args))
   task = TASKS[args.task]
   fractions = (tuple(float(f) for f in args.fractions.split(","))
                if args.fractions else (0.5, 1.0) if args.quick else FRACTIONS)
