@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-  python -m experiments.finetune                # quick vision run (5 methods)
+  python -m experiments.finetune                # quick vision run (4 methods)
   python -m experiments.finetune --full         # the vision experiment
   python -m experiments.finetune --task text    # quick text run
   python -m experiments.finetune --task text --full
@@ -55,7 +55,7 @@ def parse_args(
                       help="the full experiment: 3 seeds, every method, "
                       "rates selected on validation, more epochs and data; "
                       "default is a quick run (one seed, fixed rates; vision: "
-                      "5 methods, train-all 4 epochs)")
+                      "4 methods, train-all 4 epochs)")
   parser.add_argument("--data", type=Path,
                       help="your own data: vision, an .npz file with 'images' "
                       "(n, height, width, 3), ImageNet-normalised, and "
