@@ -29,7 +29,8 @@ the maximum, :mod:`experiments.finetune.tasks.text`).
 
 JAX's persistent compilation cache is on (``--compilation-cache DIR``,
 default ``~/.cache/multirate_optax/jax``; ``--no-compilation-cache`` turns it
-off): the variants of one method compile the same programs.
+off; :mod:`experiments.compilation_cache`): the variants of one method compile
+the same programs.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-import jax
-
+from experiments.compilation_cache import (
+    add_compilation_cache_arguments, compilation_cache_directory,
+    enable_compilation_cache)
 from experiments.finetune.experiment import run_experiment
 from experiments.finetune.recipes import run_recipe_sweep
 from experiments.finetune.reporting import _json_safe
@@ -53,7 +55,9 @@ from experiments.finetune.sweep import (
 from experiments.finetune.tasks import TASKS
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_CACHE = Path.home() / ".cache" / "multirate_optax" / "jax"
+# Validation points per run unless --evaluations says otherwise (the
+# sweeps in docs/benchmarks/budget_sweep.md ran with these).
+EVALUATIONS = {"vision": 12, "mnist": 12, "text": 8}
 # The methods swept, per task: train-all, the baselines of the targets and
 # the multirate variants among which validation chooses.
 SWEPT = {
@@ -66,15 +70,6 @@ SWEPT = {
 }
 # The tasks whose validation split --validation-size may cut.
 TEXT_TASKS = ("text", "trec")
-
-
-def enable_compilation_cache(directory: Optional[Path]) -> None:
-  """JAX's persistent compilation cache in ``directory`` (``None``: off)."""
-  if directory is None:
-    return
-  directory.mkdir(parents=True, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", str(directory))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def _split_sizes(task, quick: bool, validation_size: Optional[int]):
@@ -100,8 +95,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                       "allowed); the vision task converges by about 6 of the "
                       "20 epochs of the time protocol's full run")
   parser.add_argument("--evaluations", type=int,
-                      help="validation points per run (default the task's "
-                      "quick settings': vision 12, text 8)")
+                      help="validation points per run (default vision and "
+                      "mnist 12, text 8)")
   parser.add_argument("--methods", help="comma-separated (default: the "
                       "task's swept methods)")
   parser.add_argument("--grid", action="store_true",
@@ -118,14 +113,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                       help="text: every batch padded to the maximum length "
                       "(default: cut to the shortest multiple of 8 tokens "
                       "that fits its longest text)")
-  parser.add_argument("--compilation-cache", type=Path, default=DEFAULT_CACHE)
-  parser.add_argument("--no-compilation-cache", action="store_true")
+  add_compilation_cache_arguments(parser)
   parser.add_argument("--out", type=Path, default=RESULTS)
   parser.add_argument("--name", help="the outputs' file name without "
                       "extension (default budget_sweep_<task>[_grid][_quick])")
   args = parser.parse_args(argv)
-  enable_compilation_cache(
-      None if args.no_compilation_cache else args.compilation_cache)
+  enable_compilation_cache(compilation_cache_directory(args))
   task = TASKS[args.task]
   fractions = (tuple(float(f) for f in args.fractions.split(","))
                if args.fractions else (0.5, 1.0) if args.quick else FRACTIONS)
@@ -135,6 +128,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       split_sizes=_split_sizes(task, args.quick, args.validation_size),
       evaluations=args.evaluations or task.quick.evaluations,
       bucketing=not args.no_bucketing)
+      evaluations=args.evaluations or EVALUATIONS[task.name])
   if args.grid:
     grids = task.recipes
     if args.methods:

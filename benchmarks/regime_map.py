@@ -63,8 +63,10 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from benchmarks.budget_sweep import (
-    DEFAULT_CACHE, RESULTS, enable_compilation_cache)
+from benchmarks.budget_sweep import RESULTS
+from experiments.compilation_cache import (
+    add_compilation_cache_arguments, compilation_cache_directory,
+    enable_compilation_cache)
 from benchmarks.step_speed import Runner, measure
 from experiments.data import Splits, stratified_subset
 from experiments.finetune.experiment import CLOCKS, run_experiment
@@ -453,14 +455,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                       help="interleaved timing blocks (default 6; quick 2)")
   parser.add_argument("--clock", choices=("wall", "process"),
                       default="process")
-  parser.add_argument("--compilation-cache", type=Path, default=DEFAULT_CACHE)
-  parser.add_argument("--no-compilation-cache", action="store_true")
+  add_compilation_cache_arguments(parser)
   parser.add_argument("--out", type=Path, default=RESULTS)
   parser.add_argument("--name", help="the outputs' file name without "
                       "extension (default regime_map_<task>[_quick])")
   args = parser.parse_args(argv)
-  enable_compilation_cache(
-      None if args.no_compilation_cache else args.compilation_cache)
+  enable_compilation_cache(compilation_cache_directory(args))
   task = TASKS[args.task]
   name = args.name or f"regime_map_{task.name}{'_quick' if args.quick else ''}"
   args.out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-  python -m experiments.finetune                # quick vision run
+  python -m experiments.finetune                # quick vision run (4 methods)
   python -m experiments.finetune --full         # the vision experiment
   python -m experiments.finetune --task text    # quick text run
   python -m experiments.finetune --task text --full
@@ -14,6 +14,12 @@ Run from the repository root::
 width, 3), ImageNet-normalised, and ``labels`` (n,); for ``text``, a UTF-8
 CSV file with a header and the columns ``text`` and ``label``. Either is split
 into train/validation/test like the default data.
+
+JAX's persistent compilation cache is on, in ``~/.cache/multirate_optax/jax``
+(``--compilation-cache DIR`` elsewhere, ``--no-compilation-cache`` off;
+:mod:`experiments.compilation_cache`): a second run loads its compiled
+programs instead of compiling them. Training times exclude compilation either
+way.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
+from experiments.compilation_cache import (
+    add_compilation_cache_arguments, compilation_cache_directory,
+    enable_compilation_cache)
 from experiments.finetune.experiment import run_experiment
 from experiments.finetune.reporting import format_table, write_outputs
 from experiments.finetune.settings import Settings
@@ -32,9 +41,10 @@ from experiments.finetune.tasks import TASKS, Task
 
 def parse_args(
     argv: Optional[Sequence[str]] = None,
-) -> tuple[Task, Settings, Path, Optional[Path]]:
-  """The task, its settings, the output directory and the data file
-  (``None``: the task's own data)."""
+) -> tuple[Task, Settings, Path, Optional[Path], Optional[Path]]:
+  """The task, its settings, the output directory, the data file
+  (``None``: the task's own data) and the compilation cache's directory
+  (``None``: off)."""
   parser = argparse.ArgumentParser(
       prog="python -m experiments.finetune",
       description="Fine-tune a pretrained network, multirate training against "
@@ -43,9 +53,10 @@ def parse_args(
   parser.add_argument("--task", choices=tuple(TASKS), default="vision",
                       help="vision (default), mnist, text or trec")
   parser.add_argument("--full", action="store_true",
-                      help="the full experiment: 3 seeds, rates selected on "
-                      "validation, more epochs and data; default is a quick "
-                      "run (one seed, fixed rates)")
+                      help="the full experiment: 3 seeds, every method, "
+                      "rates selected on validation, more epochs and data; "
+                      "default is a quick run (one seed, fixed rates; vision: "
+                      "4 methods, train-all 4 epochs)")
   parser.add_argument("--data", type=Path,
                       help="your own data: vision, an .npz file with 'images' "
                       "(n, height, width, 3), ImageNet-normalised, and "
@@ -80,6 +91,7 @@ def parse_args(
                       "other jobs on a shared machine disturb much less")
   parser.add_argument("--out", type=Path, default=Path("results/finetune"),
                       help="output directory (default results/finetune)")
+  add_compilation_cache_arguments(parser)
   args = parser.parse_args(argv)
   task = TASKS[args.task]
   settings = task.full if args.full else task.quick
@@ -99,12 +111,14 @@ def parse_args(
     overrides["max_length"] = args.max_length
   settings = dataclasses.replace(settings, **overrides)
   task.methods_in(settings)  # Refuses unknown method names now.
-  return task, settings, args.out, args.data
+  return (task, settings, args.out, args.data,
+          compilation_cache_directory(args))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
   """Runs the experiment ``argv`` asks for; prints the table, writes files."""
-  task, settings, out, data = parse_args(argv)
+  task, settings, out, data, cache = parse_args(argv)
+  enable_compilation_cache(cache)
   report = run_experiment(task, settings, task.load_splits(settings, data),
                           data_name=None if data is None else data.name)
   json_path, png_path = write_outputs(report, out)

@@ -11,6 +11,7 @@ after selection, and only those of the reported runs.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
@@ -73,6 +74,34 @@ def format_rates(rates: Rates) -> str:
   return " ".join(f"{short.get(k, k)}={v:g}" for k, v in rates.items())
 
 
+@functools.lru_cache(maxsize=16)
+def _cached_predict(make_predict: Callable[[Any], Any], model: Any) -> Any:
+  return make_predict(model)
+
+
+def shared_predict(task: Task, model: Any) -> Callable[[PyTree, Any], Any]:
+  """The task's jitted ``predict`` for ``model``, one per equal model.
+
+  Every method fine-tunes the same network (Flax modules compare and hash by
+  their fields), so one compiled inference program serves every method's
+  validation and test passes instead of one compilation per method. A model
+  that cannot be hashed gets its own.
+
+  Example:
+    >>> import types
+    >>> task = types.SimpleNamespace(make_predict=lambda model: object())
+    >>> shared_predict(task, ("net", 10)) is shared_predict(task, ("net", 10))
+    True
+    >>> shared_predict(task, ["unhashable"]) is shared_predict(task, ["unhashable"])
+    False
+  """
+  try:
+    hash(model)
+  except TypeError:
+    return task.make_predict(model)
+  return _cached_predict(task.make_predict, model)
+
+
 def runs_of(method: Method, settings: Settings) -> int:
   """Training runs of a method: one per grid point, one per further seed."""
   candidates = len(rate_candidates(settings.grids[method.name]))
@@ -130,7 +159,7 @@ def run_method(task: Task, method: Method, pretrained: Any, splits: Splits,
   candidates = rate_candidates(settings.grids[method.name])
   step = make_step(method, task.make_loss(model, settings),
                    optimizer(candidates[0], epoch_steps), variables["params"])
-  predict = task.make_predict(model)
+  predict = shared_predict(task, model)
   eval_batch_size = 4 * settings.batch_size
   # Token inputs: evaluation batches at every bucket, train batches at the
   # buckets their seeds' batches need; every train program compiled here.
