@@ -44,8 +44,8 @@ from experiments.finetune.experiment import run_experiment
 from experiments.finetune.recipes import run_recipe_sweep
 from experiments.finetune.reporting import _json_safe
 from experiments.finetune.sweep import (
-    FRACTIONS, budget_variants, format_recipes, format_sweep, plot_sweep,
-    sweep_report)
+    FRACTIONS, base_and_fraction, budget_variants, format_recipes,
+    format_sweep, plot_sweep, sweep_report)
 from experiments.finetune.tasks import TASKS
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -144,9 +144,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                             test_budget_only=True)
     recipes = ("one rate per method, the time protocol's selection on "
                "validation (QUICK_GRIDS); no per-budget grid")
-  sweep = sweep_report(report, timetables=[
-      m.name for m in task.methods
-      if m.timetable is not None or m.layerwise_decay is not None])
+  # Issue 19's methods: the timetables, LLRD and their combinations; the
+  # two-rate multirate baselines are those without LLRD (multirate with
+  # LLRD is a combination, compared with them, not one of them).
+  timetables = [m.name for m in task.methods
+                if m.timetable is not None or m.layerwise_decay is not None]
+  two_rate = sorted({base_and_fraction(r)[0] for r in report["methods"]
+                     if r["multirate"]} - set(timetables))
+  sweep = sweep_report(report, multirate=two_rate, timetables=timetables)
   name = args.name or (f"budget_sweep_{task.name}"
                        f"{'_grid' if args.grid else ''}"
                        f"{'_quick' if args.quick else ''}")
