@@ -26,11 +26,14 @@ The protocol (both tasks):
   ends near ``T``).
 
 Points are dicts with ``train_seconds`` and ``validation_accuracy``, and
-``test_accuracy`` on the best-so-far ones once tested.
+``test_accuracy`` on the best-so-far ones once tested, with ``test_correct``:
+which test examples the checkpoint classified correctly (:func:`pack_correct`),
+so that two methods can be compared example by example on the shared split.
 """
 
 from __future__ import annotations
 
+import base64
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
@@ -134,12 +137,36 @@ def chosen_index(points: Sequence[Point], budget: float) -> int:
 
 
 def at_budget(points: Sequence[Point], budget: float) -> dict[str, Any]:
-  """The reported checkpoint at ``budget``: its step, time and accuracies."""
+  """The reported checkpoint at ``budget``: its step, time and accuracies
+  (and ``test_correct``, ``None`` in records made before it was kept)."""
   point = points[chosen_index(points, budget)]
   return {"budget_seconds": budget, "step": point["step"],
           "train_seconds": point["train_seconds"],
           "validation_accuracy": point["validation_accuracy"],
-          "test_accuracy": point["test_accuracy"]}
+          "test_accuracy": point["test_accuracy"],
+          "test_correct": point.get("test_correct")}
+
+
+def pack_correct(hits: np.ndarray) -> str:
+  """Per-example booleans as a short JSON-safe string (base64 of the bits).
+
+  Example:
+    >>> hits = np.array([True, False, True, True, False])
+    >>> pack_correct(hits)
+    'sA=='
+    >>> unpack_correct(pack_correct(hits), 5).tolist()
+    [True, False, True, True, False]
+  """
+  return base64.b64encode(np.packbits(np.asarray(hits, bool))).decode("ascii")
+
+
+def unpack_correct(packed: str, size: int) -> np.ndarray:
+  """The ``size`` booleans :func:`pack_correct` packed."""
+  bits = np.unpackbits(np.frombuffer(base64.b64decode(packed), np.uint8))
+  if len(bits) < size or bits[size:].any():
+    raise ValueError(f"a record of {len(bits)} bits does not hold {size} "
+                     "examples: it was made on another test split.")
+  return bits[:size].astype(bool)
 
 
 def time_to_target(points: Sequence[Point], target: float) -> Optional[float]:

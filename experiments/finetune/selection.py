@@ -17,16 +17,17 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
+import numpy as np
 import tqdm
 
 from experiments.data import Splits
 from experiments.finetune.budget import (
-    chosen_index, evaluation_interval, planned_steps, step_cap)
+    chosen_index, evaluation_interval, pack_correct, planned_steps, step_cap)
 from experiments.finetune.settings import (
     Method, Rates, Settings, share_updated_every_step)
 from experiments.finetune.tasks import Task
 from experiments.finetune.training import (
-    Clock, Plan, Run, accuracy, make_step, train_and_evaluate, warm_up)
+    Clock, Plan, Run, correct, make_step, train_and_evaluate, warm_up)
 
 PyTree = Any
 
@@ -148,7 +149,8 @@ def run_method(task: Task, method: Method, pretrained: Any, splits: Splits,
                 budget, step_cap(epoch_steps, settings.max_epochs_factor))
 
   def validate(trained: PyTree) -> float:
-    return accuracy(predict, trained, splits.validation, eval_batch_size)
+    return float(np.mean(correct(predict, trained, splits.validation,
+                                 eval_batch_size)))
 
   def train(rates: Rates, seed: int) -> tuple[Plan, Run]:
     seed_plan = plan(seed)
@@ -179,8 +181,8 @@ def run_method(task: Task, method: Method, pretrained: Any, splits: Splits,
     trained_runs.append((seed, seed_plan, run))
 
   def test_runs(test_split: bool = True) -> list[dict[str, Any]]:
-    score = (lambda trained: accuracy(predict, trained, splits.test,
-                                      eval_batch_size)) if test_split else None
+    score = (lambda trained: correct(predict, trained, splits.test,
+                                     eval_batch_size)) if test_split else None
     return [tested(run, seed, seed_plan, steps_per_epoch, score,
                    test_budget_only)
             for seed, seed_plan, run in trained_runs]
@@ -201,13 +203,14 @@ def run_method(task: Task, method: Method, pretrained: Any, splits: Splits,
 
 
 def tested(run: Run, seed: int, plan: Plan, steps_per_epoch: int,
-           test: Optional[Callable[[PyTree], float]],
+           test: Optional[Callable[[PyTree], np.ndarray]],
            budget_only: bool = False) -> dict[str, Any]:
   """A finished run's record, its kept checkpoints tested.
 
   Only the best-so-far checkpoints are kept by the run, so only they get a
-  test accuracy; the others' is ``None`` (every one's, with ``test``
-  ``None``: not tested yet). With ``budget_only``, only the checkpoint
+  test accuracy and ``test_correct`` (``test`` gives the per-example hits,
+  :func:`experiments.finetune.budget.pack_correct`); the others' are ``None``
+  (every one's, with ``test`` ``None``: not tested yet). With ``budget_only``, only the checkpoint
   chosen at the plan's budget (:func:`chosen_index`; the run's end without
   a budget) is tested: all a run read at its own budget needs.
   """
@@ -218,7 +221,9 @@ def tested(run: Run, seed: int, plan: Plan, steps_per_epoch: int,
                             else plan.budget)}
   if test is not None:
     for index in sorted(indices):
-      points[index]["test_accuracy"] = test(run.checkpoints[index])
+      hits = test(run.checkpoints[index])
+      points[index]["test_accuracy"] = float(np.mean(hits))
+      points[index]["test_correct"] = pack_correct(hits)
   steps = points[-1]["step"] if points else plan.steps
   return {"seed": seed, "planned_steps": plan.steps,
           "planned_epochs": plan.steps / steps_per_epoch,

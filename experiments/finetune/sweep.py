@@ -15,12 +15,18 @@ half-width combining the spread over seeds (Student's t on the per-seed
 accuracies) and the binomial sampling error of a test split of ``n``
 examples (``1.96 sqrt(p (1 - p) / n)``), added in quadrature: the seeds
 share one test split, so its sampling error does not average out over them.
-A difference between two methods (:func:`difference`) takes the t-interval of
-the per-seed differences (paired by seed) and adds both methods' binomial
-terms, which overstates the test-split error of a paired comparison: the
-verdicts are conservative. Verdicts: ``met`` when the interval lies on the
-target's side, ``missed`` when it lies on the other, ``not resolved``
-otherwise.
+A difference between two methods (:func:`difference`) is paired by seed and,
+where the runs kept which test examples they got right (``test_correct``),
+by test example: the t-interval of the per-seed differences, and in
+quadrature the sampling error over the test split of the mean of each
+example's difference ``D_i`` (averaged over seeds; the examples' variance
+component of a seeds-by-examples decomposition, so that the per-seed noise
+is not counted twice), to which only the examples on which the two methods
+disagree contribute. Records made before the runs kept their
+examples fall back to adding both methods' binomial terms, which overstates
+the test-split error of a paired comparison (conservative); each target says
+which was used. Verdicts: ``met`` when the interval lies on the target's
+side, ``missed`` when it lies on the other, ``not resolved`` otherwise.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from typing import Any, Optional
 import numpy as np
 from scipy import stats
 
-from experiments.finetune.budget import at_budget
+from experiments.finetune.budget import at_budget, unpack_correct
 from experiments.finetune.settings import Method, Settings
 
 FRACTIONS = (0.125, 0.25, 0.5, 1.0)
@@ -112,13 +118,31 @@ def interval(accuracies: Sequence[float], test_size: int,
 
 
 def difference(first: Sequence[float], second: Sequence[float],
-               test_size: int, level: float = 0.95) -> tuple[float, float]:
+               test_size: int, level: float = 0.95,
+               first_correct: Optional[Sequence[np.ndarray]] = None,
+               second_correct: Optional[Sequence[np.ndarray]] = None
+               ) -> tuple[float, float]:
   """Mean and 95% half-width, in points, of ``first - second``, paired by seed.
+
+  With ``first_correct`` and ``second_correct`` (per seed, which of the
+  ``test_size`` test examples each run classified correctly) the test-split
+  term is paired by example too: ``z sqrt((var(D) - s2 / S) / n)``, ``D``
+  the per-example differences averaged over the ``S`` seeds and ``s2`` the
+  seed-by-example residual variance (a two-way decomposition; the seed term
+  already holds that noise, which one seed cannot separate: there the term
+  is ``z sd(D) / sqrt(n)``, McNemar's); without them, both methods' binomial
+  terms are added (conservative).
 
   Example:
     >>> mean, half = difference([0.9, 0.9], [0.9, 0.9], test_size=10**9)
     >>> mean, round(half, 3)
     (0.0, 0.003)
+    >>> a = [np.array([1, 1, 1, 0] * 250, bool)] * 2  # 75%, both seeds
+    >>> b = [np.array([1, 1, 0, 0] * 250, bool)] * 2  # 50%: 1 in 4 differs
+    >>> mean, half = difference([.75, .75], [.5, .5], 1000, first_correct=a,
+    ...                         second_correct=b)
+    >>> round(mean, 1), round(half, 2)  # 1.96 * 100 * sd([1, 0, 0, 0] * 250) / sqrt(1000)
+    (25.0, 2.69)
   """
   a, b = (100 * np.asarray(x, float) for x in (first, second))
   if a.shape != b.shape:
@@ -128,8 +152,28 @@ def difference(first: Sequence[float], second: Sequence[float],
   seed_half = (stats.t.ppf(0.5 + level / 2, seeds - 1)
                * diffs.std(ddof=1) / math.sqrt(seeds) if seeds > 1 else 0.0)
   z = stats.norm.ppf(0.5 + level / 2)
-  test_half = z * 100 * math.sqrt(sum(
-      (m / 100) * (1 - m / 100) for m in (a.mean(), b.mean())) / test_size)
+  if first_correct is not None and second_correct is not None:
+    hits = [np.asarray(np.stack(c), float)
+            for c in (first_correct, second_correct)]
+    if hits[0].shape != (seeds, test_size) or hits[1].shape != hits[0].shape:
+      raise ValueError(
+          f"per-example records of shapes {hits[0].shape} and "
+          f"{hits[1].shape}, expected ({seeds}, {test_size}): one per seed "
+          "and test example.")
+    # Seeds x examples: the examples' variance component of the grand mean,
+    # without the seed-by-example noise the seed term already counts
+    # (two-way decomposition: mean squares of examples less the residual's).
+    cells = hits[0] - hits[1]
+    per_example = cells.mean(axis=0)
+    residual = (cells - cells.mean(axis=1, keepdims=True) - per_example
+                + cells.mean())
+    noise = (np.sum(residual ** 2) / ((seeds - 1) * (test_size - 1))
+             if seeds > 1 else 0.0)
+    test_half = z * 100 * math.sqrt(
+        max(per_example.var(ddof=1) - noise / seeds, 0.0) / test_size)
+  else:
+    test_half = z * 100 * math.sqrt(sum(
+        (m / 100) * (1 - m / 100) for m in (a.mean(), b.mean())) / test_size)
   return float(diffs.mean()), float(math.hypot(seed_half, test_half))
 
 
@@ -166,12 +210,37 @@ def sweep_table(results: Sequence[Mapping[str, Any]],
         "rates": result["rates"], "recipe": result.get("recipe"),
         "seeds": [r["seed"] for r in result["runs"]],
         "test": test, "validation": [c["validation_accuracy"] for c in chosen],
+        "test_correct": [c["test_correct"] for c in chosen],
         "test_mean": mean, "test_half_width": half,
         "validation_mean": 100 * float(np.mean(
             [c["validation_accuracy"] for c in chosen])),
         "epochs": [r["epochs"] for r in result["runs"]],
     }
   return table
+
+
+def compared(row: Mapping[str, Any], other: Mapping[str, Any],
+             test_size: int, threshold: float,
+             target: Mapping[str, Any]) -> dict[str, Any]:
+  """``target`` with the difference of two table cells (``row`` − ``other``,
+  paired by seed, and by test example where both kept theirs), its verdict
+  against ``threshold`` and which pairing was used.
+
+  Example:
+    >>> cell = {"test": [0.8, 0.9], "test_correct": [None, None]}
+    >>> compared(cell, cell, 100, 0.0, {"target": "equal"})["pairing"]
+    'seeds (binomial terms added)'
+  """
+  packed = [row.get("test_correct") or [], other.get("test_correct") or []]
+  by_example = all(p and all(c is not None for c in p) for p in packed)
+  hits = ([[unpack_correct(c, test_size) for c in p] for p in packed]
+          if by_example else [None, None])
+  mean, half = difference(row["test"], other["test"], test_size,
+                          first_correct=hits[0], second_correct=hits[1])
+  return {**target, "difference_mean": mean, "difference_half_width": half,
+          "verdict": verdict(mean, half, threshold),
+          "pairing": ("seeds and test examples" if by_example
+                      else "seeds (binomial terms added)")}
 
 
 def check_sweep_targets(table: Mapping[str, Mapping[str, Mapping[str, Any]]],
@@ -186,11 +255,9 @@ def check_sweep_targets(table: Mapping[str, Mapping[str, Mapping[str, Any]]],
 
   def compare(name: str, fraction: str, other: str, other_fraction: str,
               threshold: float, what: str) -> dict[str, Any]:
-    mean, half = difference(table[name][fraction]["test"],
-                            table[other][other_fraction]["test"], test_size)
-    return {"target": what, "multirate": name, "against": other,
-            "difference_mean": mean, "difference_half_width": half,
-            "verdict": verdict(mean, half, threshold)}
+    return compared(table[name][fraction], table[other][other_fraction],
+                    test_size, threshold,
+                    {"target": what, "multirate": name, "against": other})
 
   rows = []
   if "0.5" in table.get("train_all", {}):
@@ -225,13 +292,11 @@ def check_timetable_targets(
   for name in timetables:
     if fraction not in table.get(name, {}):
       continue
-    mean, half = difference(table[name][fraction]["test"],
-                            table[best][fraction]["test"], test_size)
-    rows.append({"target": f"at {fraction} T, {name} >= the best two-rate "
-                           f"multirate (on validation) at {fraction} T",
-                 "multirate": name, "against": best,
-                 "difference_mean": mean, "difference_half_width": half,
-                 "verdict": verdict(mean, half, 0.0)})
+    rows.append(compared(
+        table[name][fraction], table[best][fraction], test_size, 0.0,
+        {"target": f"at {fraction} T, {name} >= the best two-rate "
+                   f"multirate (on validation) at {fraction} T",
+         "multirate": name, "against": best}))
   return rows
 
 
@@ -251,7 +316,9 @@ def format_sweep(table: Mapping[str, Mapping[str, Mapping[str, Any]]],
     lines.append(
         f"{target['target']} ({target['multirate']}): "
         f"{target['difference_mean']:+.2f} ± "
-        f"{target['difference_half_width']:.2f} points: {target['verdict']}")
+        f"{target['difference_half_width']:.2f} points: {target['verdict']}"
+        + (f" (paired by {target['pairing']})" if "pairing" in target
+           else ""))
   return "\n".join(lines)
 
 
@@ -315,4 +382,6 @@ def sweep_report(report: Mapping[str, Any],
                      + check_timetable_targets(table, test_size, multirate,
                                                timetables),
           "interval": "95%: t over seeds (+) binomial test-split error, "
-                      "in quadrature; differences paired by seed"}
+                      "in quadrature; differences paired by seed and, where "
+                      "the runs kept them, by test example (each target's "
+                      "'pairing')"}

@@ -331,15 +331,22 @@ def train_and_evaluate(
   return Run(points, checkpoints, {"params": params, **state}, elapsed)
 
 
-def accuracy(predict: Callable[[PyTree, np.ndarray], Any], variables: PyTree,
-             data: Examples, batch_size: int) -> float:
-  """Share of ``data`` classified correctly, in batches of one fixed size."""
+def correct(predict: Callable[[PyTree, np.ndarray], Any], variables: PyTree,
+            data: Examples, batch_size: int) -> np.ndarray:
+  """Whether each example of ``data`` is classified correctly (booleans, in
+  the split's order), in batches of one fixed size."""
   inputs, labels = data
-  correct = 0
+  hits = []
   for start in range(0, len(labels), batch_size):
     chunk = inputs[start:start + batch_size]
     padded = np.pad(chunk, ((0, batch_size - len(chunk)),)
                     + ((0, 0),) * (chunk.ndim - 1))
     predicted = np.asarray(predict(variables, padded))[:len(chunk)]
-    correct += int(np.sum(predicted == labels[start:start + batch_size]))
-  return correct / len(labels)
+    hits.append(predicted == labels[start:start + batch_size])
+  return np.concatenate(hits).astype(bool)
+
+
+def accuracy(predict: Callable[[PyTree, np.ndarray], Any], variables: PyTree,
+             data: Examples, batch_size: int) -> float:
+  """Share of ``data`` classified correctly, in batches of one fixed size."""
+  return float(np.mean(correct(predict, variables, data, batch_size)))

@@ -132,7 +132,7 @@ def tiny_run(tiny_pretrained, tiny_splits, tmp_path_factory):
   settings = make_tiny_settings(VISION, image_size=8, grids=grids)
   evaluated, phases, trained = [], [], []
   monkeypatch = pytest.MonkeyPatch()
-  real_accuracy, real_select = selection.accuracy, selection.select_rates
+  real_correct, real_select = selection.correct, selection.select_rates
   real_train = selection.train_and_evaluate
 
   def in_phase(phase, function):
@@ -148,13 +148,13 @@ def tiny_run(tiny_pretrained, tiny_splits, tmp_path_factory):
     trained.append(args[7])  # the seed
     return in_phase("training", real_train)(*args)
 
-  def spy_accuracy(predict, variables, data, batch_size):
+  def spy_correct(predict, variables, data, batch_size):
     phase = "selecting" if "selecting" in phases else (
         phases[-1] if phases else "after")
     evaluated.append((phase, data))
-    return real_accuracy(predict, variables, data, batch_size)
+    return real_correct(predict, variables, data, batch_size)
 
-  monkeypatch.setattr(selection, "accuracy", spy_accuracy)
+  monkeypatch.setattr(selection, "correct", spy_correct)
   monkeypatch.setattr(selection, "select_rates",
                       in_phase("selecting", real_select))
   monkeypatch.setattr(selection, "train_and_evaluate", spy_train)

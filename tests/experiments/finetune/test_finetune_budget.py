@@ -43,7 +43,7 @@ def test_a_budget_reports_the_best_validation_checkpoint_within_it():
   assert at_budget(run, 3.5) == {"budget_seconds": 3.5, "step": 10,
                                  "train_seconds": 1,
                                  "validation_accuracy": .70,
-                                 "test_accuracy": .60}
+                                 "test_accuracy": .60, "test_correct": None}
   with pytest.raises(ValueError, match="no evaluation point"):
     chosen_index(points((1, .5, .5)), 0.5)
 

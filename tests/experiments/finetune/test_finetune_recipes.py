@@ -26,18 +26,18 @@ def recipe_sweep(tiny_pretrained, tiny_splits, tiny_settings):
   """The sweep, with every accuracy evaluation and training run recorded."""
   settings = tiny_settings(VISION, image_size=8, seeds=(0, 1))
   evaluated, trained = [], []
-  real_accuracy, real_train = selection.accuracy, selection.train_and_evaluate
+  real_correct, real_train = selection.correct, selection.train_and_evaluate
 
-  def spy_accuracy(predict, variables, data, batch_size):
+  def spy_correct(predict, variables, data, batch_size):
     evaluated.append(data)
-    return real_accuracy(predict, variables, data, batch_size)
+    return real_correct(predict, variables, data, batch_size)
 
   def spy_train(*args):
     trained.append(args[7])  # the seed
     return real_train(*args)
 
   monkeypatch = pytest.MonkeyPatch()
-  monkeypatch.setattr(selection, "accuracy", spy_accuracy)
+  monkeypatch.setattr(selection, "correct", spy_correct)
   monkeypatch.setattr(selection, "train_and_evaluate", spy_train)
   try:
     report = run_recipe_sweep(VISION, settings, GRIDS, FRACTIONS, tiny_splits,

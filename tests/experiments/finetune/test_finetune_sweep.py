@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from experiments.finetune.budget import pack_correct, unpack_correct
 from experiments.finetune.experiment import run_experiment
 from experiments.finetune.sweep import (
-    budget_variants, difference, format_sweep, interval, sweep_report,
-    verdict)
+    budget_variants, compared, difference, format_sweep, interval,
+    sweep_report, verdict)
 from experiments.finetune.tasks import VISION
 
 
@@ -58,6 +59,14 @@ def test_table_reads_each_variant_at_its_own_budget(tiny_sweep):
   assert {t["target"].split(",")[0] for t in sweep["targets"]} == {
       "at T/2", "at T/4"}
   assert "B = 0.25 T" in format_sweep(table, sweep["targets"])
+  # Each tested run kept which test examples it got right, and the targets
+  # were paired by example with them.
+  for rows in table.values():
+    for row in rows.values():
+      for packed, accuracy in zip(row["test_correct"], row["test"]):
+        assert unpack_correct(packed, test_size).mean() == accuracy
+  assert {t["pairing"] for t in sweep["targets"]} == {
+      "seeds and test examples"}
 
 
 def test_interval_combines_seeds_and_test_sampling_by_hand():
@@ -79,6 +88,65 @@ def test_difference_is_paired_by_seed():
   assert half < 0.2
   with pytest.raises(ValueError, match="paired by seed"):
     difference([0.9], [0.9, 0.8], 100)
+
+
+def test_difference_paired_by_example_is_mcnemars_by_hand():
+  # One seed: the test term is the sampling error of the mean of the
+  # per-example differences, which counts only the discordant examples
+  # (b: first right and second wrong, c: the reverse).
+  rng = np.random.default_rng(0)
+  n = 730
+  first = rng.random(n) < 0.75
+  second = np.where(rng.random(n) < 0.9, first, ~first)
+  b = int(np.sum(first & ~second))
+  c = int(np.sum(~first & second))
+  d = (b - c) / n
+  variance = ((b + c) / n - d ** 2) * n / (n - 1)
+  expected = 1.959964 * 100 * math.sqrt(variance / n)
+  mean, half = difference([first.mean()], [second.mean()], n,
+                          first_correct=[first], second_correct=[second])
+  assert mean == pytest.approx(100 * d)
+  assert half == pytest.approx(expected, rel=1e-6)
+  # Far tighter than adding both binomial terms, for runs that mostly agree.
+  assert half < 0.5 * difference([first.mean()], [second.mean()], n)[1]
+  with pytest.raises(ValueError, match="per-example records"):
+    difference([0.5], [0.5], n + 1, first_correct=[first],
+               second_correct=[second])
+
+
+def test_difference_paired_by_example_covers_the_true_difference():
+  # Coverage by simulation, independent of the formula: three seeds of two
+  # methods on test splits drawn from one population in which the first is
+  # 2 points better; the 95% interval must cover 2 points in about 95% of
+  # the draws (paired by example, it would not if it dropped a term).
+  rng = np.random.default_rng(1)
+  seeds, n, trials, covered = 3, 1000, 400, 0
+  for _ in range(trials):
+    easy = rng.random(n)  # Each test example's difficulty.
+    shift = rng.normal(0, 0.02, seeds)  # Each seed's training luck.
+    first = [easy < 0.80 + s + rng.normal(0, 0.03, n) for s in shift]
+    second = [easy < 0.78 + s + rng.normal(0, 0.03, n) for s in shift]
+    mean, half = difference([f.mean() for f in first],
+                            [s.mean() for s in second], n,
+                            first_correct=first, second_correct=second)
+    covered += abs(mean - 2.0) <= half
+  assert 0.92 <= covered / trials <= 0.995
+
+
+def test_targets_fall_back_to_binomial_terms_without_records():
+  cell = {"test": [0.8, 0.82, 0.85], "test_correct": [None] * 3}
+  other = {"test": [0.7, 0.75, 0.74], "test_correct": [None] * 3}
+  row = compared(cell, other, 270, 0.0, {"target": "t"})
+  assert row["pairing"] == "seeds (binomial terms added)"
+  assert (row["difference_mean"], row["difference_half_width"]) == difference(
+      cell["test"], other["test"], 270)
+
+
+def test_per_example_records_round_trip_and_refuse_another_split():
+  hits = np.random.default_rng(2).random(1000) < 0.7
+  assert (unpack_correct(pack_correct(hits), 1000) == hits).all()
+  with pytest.raises(ValueError, match="another test split"):
+    unpack_correct(pack_correct(hits), 1100)
 
 
 def test_verdicts_use_the_interval():

@@ -155,7 +155,7 @@ def test_budgets_and_clock_of_a_whole_run_exclude_compilation_and_evaluation(
   calls 1,000 s and every evaluation 100 s: train-all's time is its step
   count, and every other method plans and runs that many steps."""
   clock = fake_clock
-  real_make_step, real_accuracy = selection.make_step, selection.accuracy
+  real_make_step, real_correct = selection.make_step, selection.correct
 
   def timed_make_step(*args):
     step, calls = real_make_step(*args), []
@@ -167,12 +167,12 @@ def test_budgets_and_clock_of_a_whole_run_exclude_compilation_and_evaluation(
 
     return timed
 
-  def slow_accuracy(*args):
+  def slow_correct(*args):
     clock.now += 100.0
-    return real_accuracy(*args)
+    return real_correct(*args)
 
   monkeypatch.setattr(selection, "make_step", timed_make_step)
-  monkeypatch.setattr(selection, "accuracy", slow_accuracy)
+  monkeypatch.setattr(selection, "correct", slow_correct)
   settings = tiny_settings(VISION, image_size=8)
   methods = [BY_NAME[n] for n in ("train_classifier", "multirate_classifier",
                                   "train_all")]
