@@ -50,8 +50,8 @@ from experiments.finetune.experiment import run_experiment
 from experiments.finetune.recipes import run_recipe_sweep
 from experiments.finetune.reporting import _json_safe
 from experiments.finetune.sweep import (
-    FRACTIONS, budget_variants, format_recipes, format_sweep, plot_sweep,
-    sweep_report)
+    FRACTIONS, base_and_fraction, budget_variants, check_timetable_targets,
+    format_recipes, format_sweep, plot_sweep, sweep_report)
 from experiments.finetune.tasks import TASKS
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -70,6 +70,47 @@ SWEPT = {
 }
 # The tasks whose validation split --validation-size may cut.
 TEXT_TASKS = ("text", "trec")
+
+
+def method_fractions(specs: Sequence[str],
+                     names: Sequence[str]) -> dict[str, tuple[float, ...]]:
+  """``--method-fractions`` values, ``METHOD=F,F``, as ``{method: fractions}``.
+
+  Example:
+    >>> method_fractions(["b=0.5,1"], ["a", "b"])
+    {'b': (0.5, 1.0)}
+  """
+  own = {}
+  for spec in specs:
+    name, sep, values = spec.partition("=")
+    if not sep or name not in names:
+      raise ValueError(
+          f"--method-fractions {spec!r}: expected METHOD=F,F with METHOD one "
+          f"of the swept methods {list(names)}; name the method in --methods "
+          "first.")
+    own[name] = tuple(float(f) for f in values.split(","))
+  return own
+
+
+def _issue_19(method) -> bool:
+  """Issue 19's methods: the timetables, LLRD and their combinations."""
+  return method.timetable is not None or method.layerwise_decay is not None
+
+
+def complete_budgets(results: Sequence[dict], task) -> list[dict]:
+  """The results of a stopped sweep without the budgets that train-all or a
+  two-rate multirate baseline swept lacks (train-all at ``T`` is kept: it
+  sets ``T``), so that every target compares runs that exist."""
+  baselines = {m.name for m in task.methods
+               if m.train_all or (m.multirate and not _issue_19(m))}
+  fractions: dict[str, set[float]] = {}
+  for result in results:
+    base, fraction = base_and_fraction(result)
+    fractions.setdefault(base, set()).add(fraction)
+  present = [fractions[b] for b in baselines if b in fractions]
+  kept = set.intersection(*present) if present else set()
+  return [r for r in results
+          if r.get("train_all") or base_and_fraction(r)[1] in kept]
 
 
 def _split_sizes(task, quick: bool, validation_size: Optional[int]):
@@ -104,6 +145,20 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                       "validation from grids of equal size")
   parser.add_argument("--fractions", help="comma-separated budget fractions "
                       "of T (default 0.125,0.25,0.5,1; quick 0.5,1)")
+  parser.add_argument("--method-fractions", action="append", default=[],
+                      metavar="METHOD=F,F", help="one method's budget "
+                      "fractions instead of --fractions' (repeatable), e.g. "
+                      "to drop a budget for some methods")
+  parser.add_argument("--budget-major", action="store_true",
+                      help="run every method at the first of --fractions, "
+                      "then every method at the next, ... (methods in "
+                      "--methods order): a run stopped early keeps whole "
+                      "budgets")
+  parser.add_argument("--from-partial", type=Path, metavar="JSON",
+                      help="no training: the outputs of a stopped run from "
+                      "its <name>.partial.json (written after each method), "
+                      "budgets that train-all or a two-rate baseline lacks "
+                      "left out")
   parser.add_argument("--validation-size", type=int,
                       help="text: at most this many validation texts (the "
                       "test split stays whole), to cut evaluation cost")
@@ -126,10 +181,26 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       task.quick, epochs=1 if args.quick else args.epochs,
       seeds=tuple(range(1 if args.quick else args.seeds)), clock=args.clock,
       split_sizes=_split_sizes(task, args.quick, args.validation_size),
-      evaluations=args.evaluations or task.quick.evaluations,
+      evaluations=args.evaluations or EVALUATIONS[task.name],
       bucketing=not args.no_bucketing)
-      evaluations=args.evaluations or EVALUATIONS[task.name])
-  if args.grid:
+  name = args.name or (f"budget_sweep_{task.name}"
+                       f"{'_grid' if args.grid else ''}"
+                       f"{'_quick' if args.quick else ''}")
+  args.out.mkdir(parents=True, exist_ok=True)
+  partial = args.out / f"{name}.partial.json"
+  command = " ".join(["python -m benchmarks.budget_sweep",
+                      *(sys.argv[1:] if argv is None else argv)])
+  if args.from_partial:
+    saved = json.loads(args.from_partial.read_text())
+    report, command = saved["report"], saved["command"]
+    settings = dataclasses.replace(settings, epochs=saved["epochs_of_T"])
+    fractions, recipes = tuple(saved["fractions"]), saved["recipes"]
+    report["methods"] = complete_budgets(report["methods"], task)
+    extra = {"stopped_early": f"from {args.from_partial.name}: the methods "
+                              "finished before the run was stopped",
+             **({"method_fractions": saved["method_fractions"]}
+                if "method_fractions" in saved else {})}
+  elif args.grid:
     grids = task.recipes
     if args.methods:
       grids = {family: grids[family] for family in args.methods.split(",")}
@@ -142,29 +213,55 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     names = (args.methods.split(",") if args.methods else
              SWEPT[args.task][:2] if args.quick else SWEPT[args.task])
     settings = dataclasses.replace(settings, methods=tuple(names))
-    methods, settings = budget_variants(task.methods_in(settings), settings,
-                                        fractions)
-    if 1 not in fractions:  # Train-all planned for T still sets T.
+    own = method_fractions(args.method_fractions, names)
+    methods, grids = [], {}
+    for method in task.methods_in(settings):
+      variants, planned = budget_variants(
+          [method], settings, own.get(method.name, fractions))
+      methods += variants
+      grids.update(planned.grids)
+    settings = dataclasses.replace(settings, grids=grids)
+    if not any(m.train_all for m in methods):  # Train-all for T sets T.
       methods += [m for m in task.methods_in(settings) if m.train_all]
-    report = run_experiment(task, settings, methods=methods,
-                            test_budget_only=True)
+    if args.budget_major:
+      order = list(dict.fromkeys(
+          [*fractions, *(f for fs in own.values() for f in fs)]))
+      methods.sort(key=lambda m: (order.index(m.budget_fraction),
+                                  names.index(m.name.split("@")[0])))
     recipes = ("one rate per method, the time protocol's selection on "
                "validation (QUICK_GRIDS); no per-budget grid")
-  sweep = sweep_report(report, timetables=[
-      m.name for m in task.methods
-      if m.timetable is not None or m.layerwise_decay is not None])
-  name = args.name or (f"budget_sweep_{task.name}"
-                       f"{'_grid' if args.grid else ''}"
-                       f"{'_quick' if args.quick else ''}")
-  args.out.mkdir(parents=True, exist_ok=True)
-  output = {"command": " ".join(["python -m benchmarks.budget_sweep",
-                                 *(sys.argv[1:] if argv is None else argv)]),
+    extra = ({"method_fractions": own} if own else {})
+
+    def save_partial(report):
+      partial.write_text(json.dumps(_json_safe(
+          {"command": command, "epochs_of_T": settings.epochs,
+           "fractions": fractions, "recipes": recipes, **extra,
+           "report": report}), indent=1))
+
+    report = run_experiment(task, settings, methods=methods,
+                            test_budget_only=True, on_method=save_partial)
+  # Issue 19's methods: the timetables, LLRD and their combinations; the
+  # two-rate multirate baselines are those without LLRD (multirate with
+  # LLRD is a combination, compared with them, not one of them).
+  timetables = [m.name for m in task.methods if _issue_19(m)]
+  two_rate = sorted({base_and_fraction(r)[0] for r in report["methods"]
+                     if r["multirate"]} - set(timetables))
+  sweep = sweep_report(report, multirate=two_rate, timetables=timetables)
+  # Issue 19's target is at T/2 (in sweep_report); the same comparison at
+  # every other budget swept.
+  for fraction in sorted({f for rows in sweep["table"].values()
+                          for f in rows} - {"0.5"}, key=float):
+    sweep["targets"] += check_timetable_targets(
+        sweep["table"], report["split_sizes"]["test"], two_rate, timetables,
+        fraction=fraction)
+  output = {"command": command,
             "description": report["description"],
             "machine_at_start": report["machine_at_start"],
             "load_average_at_end": report["load_average_at_end"],
             "wall_seconds": report["wall_seconds"],
             "split_sizes": report["split_sizes"],
             "epochs_of_T": settings.epochs, "fractions": fractions,
+            **(extra if not args.grid else {}),
             "recipes": recipes,
             **({"recipe_grids": report["recipe_grids"]} if args.grid else {}),
             **sweep, "runs": report["methods"]}
@@ -177,6 +274,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print("\nrecipes chosen on validation:\n" + format_recipes(sweep["table"]))
   print(f"total {report['wall_seconds']:.0f} s; wrote "
         f"{args.out / (name + '.json')} and .png")
+  if not args.from_partial:
+    partial.unlink(missing_ok=True)
   return output
 
 

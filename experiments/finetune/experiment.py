@@ -7,9 +7,10 @@ budget on that seed (:mod:`experiments.finetune.budget`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import tqdm
@@ -34,6 +35,7 @@ def run_experiment(
     data_name: Optional[str] = None,
     clock: Optional[Clock] = None,
     test_budget_only: bool = False,
+    on_method: Optional[Callable[[dict[str, Any]], None]] = None,
 ) -> dict[str, Any]:
   """Runs every method; returns settings, machine, per-method results and summary.
 
@@ -52,6 +54,9 @@ def run_experiment(
     test_budget_only: test only the checkpoint each run reports at its own
       budget (the budget sweep), not every best-so-far one; the report then
       has no time-protocol ``summary`` and ``targets`` (``None``).
+    on_method: called after each method with the report so far (the
+      methods done, no ``summary`` nor ``targets``), e.g. to save partial
+      results of a long run.
   """
   if clock is None:
     clock = CLOCKS[settings.clock]
@@ -66,6 +71,8 @@ def run_experiment(
   machine_before = machine()
   start = time.perf_counter()
   results, budgets = [], None
+  report = functools.partial(_report, task, settings, splits, data_name,
+                             machine_before, start)
   with tqdm.tqdm(total=sum(runs_of(m, settings) for m in methods),
                  unit="run", desc=f"fine-tuning ({task.name})",
                  dynamic_ncols=True) as progress:
@@ -76,9 +83,20 @@ def run_experiment(
       if method.train_all:
         budgets = {run["seed"]: run["train_seconds"] for run in result["runs"]}
       results.append(result)
+      if on_method is not None:
+        on_method(report(results, None, None))
   # The time protocol's summary reads every run at earlier budgets: none
   # with only each run's own budget tested.
   summary = None if test_budget_only else summarise(results)
+  return report(results, summary, None if summary is None else
+                check_targets(summary, task.name))
+
+
+def _report(task: Task, settings: Settings, splits: Splits, data_name: str,
+            machine_before: dict[str, Any], start: float,
+            results: list[dict[str, Any]], summary: Optional[Any],
+            targets: Optional[Any]) -> dict[str, Any]:
+  """:func:`run_experiment`'s report of ``results``."""
   return {
       "task": task.name,
       "settings": dataclasses.asdict(settings),
@@ -90,8 +108,7 @@ def run_experiment(
       "wall_seconds": time.perf_counter() - start,
       "split_sizes": {name: len(getattr(splits, name).labels)
                       for name in Splits._fields},
-      "methods": results,
+      "methods": list(results),
       "summary": summary,
-      "targets": None if summary is None else check_targets(summary,
-                                                            task.name),
+      "targets": targets,
   }

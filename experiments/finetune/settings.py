@@ -52,7 +52,8 @@ class Method:
       groups the task's.
     discriminative: ``'gradual_unfreezing'``: each group's rate is the one
       above's divided by this (ULMFiT: 2.6; 1: one rate for all).
-    layerwise_decay: a plain method's rates times ``decay ** depth``
+    layerwise_decay: the method's updates (a plain method's, or a
+      timetable's, multirate's included) times ``decay ** depth``
       (:func:`multirate_optax.layerwise_decay`, depths the task's); ``None``:
       none.
   """

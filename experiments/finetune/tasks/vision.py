@@ -29,6 +29,10 @@ steps with a cosine):
   second with rates / 2.6 per group downward) and ``train_all_llrd``
   (train-all with :func:`multirate_optax.layerwise_decay`, 0.8 per stage).
   Their rates are the existing methods' (no selection).
+* Their combinations with layer-wise rate decay (0.8 per stage, chained
+  after the timetable, each with the rates of the method it decays):
+  ``multirate_three_rates_llrd``, ``gradual_unfreezing_llrd`` and
+  ``multirate_last_stage_llrd`` (two-rate multirate).
 
 Learning rates: a plain method has one, a multirate method two: the fast rate
 ``h_F`` (the fast parameters' SGD step size, every step) and the slow rate
@@ -112,6 +116,21 @@ METHODS = (
            rate_names=_PLAIN),
     Method("train_all_llrd", "train all, layer-wise rate decay 0.8 per stage",
            layerwise_decay=0.8, rate_names=_PLAIN),
+    # Their combinations with layer-wise rate decay (0.8 per stage, as
+    # train_all_llrd), each with the rates of the method it decays.
+    Method("multirate_three_rates_llrd",
+           "three-rate multirate + drift, layer-wise rate decay 0.8 per stage",
+           timetable="multirate_groups",
+           periods=(("classifier", 1), ("last_stage", 2), ("rest", 6)),
+           layerwise_decay=0.8, rate_names=_MULTIRATE),
+    Method("gradual_unfreezing_llrd",
+           "gradual unfreezing, 4 groups, layer-wise rate decay 0.8 per stage",
+           timetable="gradual_unfreezing", layerwise_decay=0.8,
+           rate_names=_PLAIN),
+    Method("multirate_last_stage_llrd",
+           "multirate + drift, fast = last stage + head, layer-wise rate "
+           "decay 0.8 per stage", fast=LAST_STAGE_AND_HEAD, drift=True,
+           layerwise_decay=0.8, rate_names=_MULTIRATE),
 )
 
 # The timetables' groups, top (the classifier) first, each a set of
@@ -201,6 +220,11 @@ FULL_GRIDS = {
     "gradual_unfreezing": {"learning_rate": (0.003,)},
     "gradual_unfreezing_discriminative": {"learning_rate": (0.003,)},
     "train_all_llrd": {"learning_rate": (0.003,)},
+    "multirate_three_rates_llrd": {"fast_learning_rate": (0.003,),
+                                   "slow_learning_rate": (0.003,)},
+    "gradual_unfreezing_llrd": {"learning_rate": (0.003,)},
+    "multirate_last_stage_llrd": {"fast_learning_rate": (0.003,),
+                                  "slow_learning_rate": (0.003,)},
 }
 # One grid point per method: what the equal-epochs full run's selection
 # picked (BatchNorm frozen; benchmarks/results/finetune_full.json).
@@ -227,6 +251,13 @@ QUICK_GRIDS = {
     "gradual_unfreezing": {"learning_rate": (0.003,)},
     "gradual_unfreezing_discriminative": {"learning_rate": (0.003,)},
     "train_all_llrd": {"learning_rate": (0.003,)},
+    # The combinations with LLRD: the rates of the method they decay
+    # (multirate_three_rates, gradual_unfreezing, multirate_last_stage).
+    "multirate_three_rates_llrd": {"fast_learning_rate": (0.003,),
+                                   "slow_learning_rate": (0.003,)},
+    "gradual_unfreezing_llrd": {"learning_rate": (0.003,)},
+    "multirate_last_stage_llrd": {"fast_learning_rate": (0.003,),
+                                  "slow_learning_rate": (0.003,)},
 }
 
 # The budget sweep's recipe grids (:mod:`experiments.finetune.recipes`): four
@@ -356,8 +387,23 @@ def make_optimizer(method: Method, rates: Rates, settings: Settings,
   plain method).
 
   The multirate slow optimizer's count advances once per cycle, so its decay
-  spans ``steps / k`` slow updates.
+  spans ``steps / k`` slow updates. With ``layerwise_decay``, the method's
+  optimizer chained with :func:`multirate_optax.layerwise_decay` (depths
+  :func:`stage_depth`): a stateless scale of each leaf's update, so after a
+  timetable it is the same as inside every group's optimizer (a frozen
+  group's zero update stays zero, a held drift update is scaled on every
+  step it is applied).
   """
+  optimizer = _optimizer(method, rates, settings, steps)
+  if method.layerwise_decay is None:
+    return optimizer
+  return optax.chain(optimizer, mo.layerwise_decay(
+      method.layerwise_decay, depths=mo.depths_by_path(stage_depth)))
+
+
+def _optimizer(method: Method, rates: Rates, settings: Settings,
+               steps: int) -> optax.GradientTransformation:
+  """:func:`make_optimizer` without the layer-wise decay."""
   if method.timetable == "multirate_groups":
     period_of = dict(method.periods)
     return mo.multirate_groups(
@@ -386,11 +432,7 @@ def make_optimizer(method: Method, rates: Rates, settings: Settings,
         cosine_decay(steps),
         scale_by_rates({"rate": rates["learning_rate"]}, lambda path: "rate"))
   if not method.multirate:
-    optimizer = sgd_momentum(rates["learning_rate"], settings.momentum, steps)
-    if method.layerwise_decay is None:
-      return optimizer
-    return optax.chain(optimizer, mo.layerwise_decay(
-        method.layerwise_decay, depths=mo.depths_by_path(stage_depth)))
+    return sgd_momentum(rates["learning_rate"], settings.momentum, steps)
   period = method.period_in(settings)
   return mo.multirate(
       sgd_momentum(rates["fast_learning_rate"], settings.momentum, steps),

@@ -54,10 +54,12 @@ def test_three_rates_labels_and_periods(efficientnet_params):
   assert len(state.timetable.phases) == 3
 
 
-@pytest.mark.parametrize("name,factor", [
-    ("gradual_unfreezing", 1.0), ("gradual_unfreezing_discriminative", 2.6)])
+@pytest.mark.parametrize("name,factor,decay", [
+    ("gradual_unfreezing", 1.0, 1.0),
+    ("gradual_unfreezing_discriminative", 2.6, 1.0),
+    ("gradual_unfreezing_llrd", 1.0, 0.8)])
 def test_gradual_unfreezing_groups_steps_and_rates(efficientnet_params, name,
-                                                   factor):
+                                                   factor, decay):
   rate, fraction = 0.003, 0.5
   method, tx = _optimizer(name, {"learning_rate": rate}, fraction=fraction)
   params = _params(efficientnet_params)
@@ -74,16 +76,60 @@ def test_gradual_unfreezing_groups_steps_and_rates(efficientnet_params, name,
   paths = leaf_paths(params)
   assert state.labels == tuple(group(p) for p in paths)
   # First update (cosine factor 1, momentum trace = the gradient) at each
-  # phase's first step: -rate / factor ** i for the unfrozen group i, 0 for
-  # the frozen ones.
+  # phase's first step: -rate / factor ** i (times decay ** depth with LLRD)
+  # for the unfrozen group i, 0 for the frozen ones.
   grads = jax.tree.map(jnp.ones_like, params)
   for phase, count in enumerate(phase_steps(state.timetable)):
     updates, _ = tx.update(grads, at_count(opt_state, count), params)
     for path, update in zip(paths, jax.tree.leaves(updates)):
       i = order.index(group(path))
-      expected = -rate / factor ** i if i <= phase else 0.0
+      expected = (-rate / factor ** i * decay ** DEPTH[top_module(path)]
+                  if i <= phase else 0.0)
       np.testing.assert_allclose(np.asarray(update).ravel()[0], expected,
                                  rtol=1e-6, err_msg=path)
+
+
+def _tiny_tree(efficientnet_params):
+  """The real network's top-level modules, each a single 2-vector."""
+  return {name: {"kernel": jnp.ones(2)} for name in efficientnet_params}
+
+
+@pytest.mark.parametrize("name,periods,decay", [
+    ("multirate_three_rates", {"classifier": 1, "last": 2, "rest": 6}, 1.0),
+    ("multirate_three_rates_llrd", {"classifier": 1, "last": 2, "rest": 6},
+     0.8),
+    ("multirate_last_stage", {"classifier": 1, "last": 1, "rest": 5}, 1.0),
+    ("multirate_last_stage_llrd", {"classifier": 1, "last": 1, "rest": 5},
+     0.8)])
+def test_multirate_updates_against_a_hand_written_loop(efficientnet_params,
+                                                       name, periods, decay):
+  """Twelve updates from a gradient of ones, on a tree of the network's
+  top-level modules: each group's SGD momentum on the steps ``t % p == 0``
+  (``m_n = sum_i 0.9 ** i`` after its n-th update), its cosine over its own
+  updates (``steps / p`` of them), held and applied times ``1 / p`` on the
+  p steps of its period (drift), times ``decay ** depth`` with LLRD."""
+  fast, slow, steps, momentum = 0.003, 0.005, 60, VISION.quick.momentum
+  method, tx = _optimizer(name, {"fast_learning_rate": fast,
+                                 "slow_learning_rate": slow}, steps=steps)
+  assert method.timetabled and not method.train_all
+  assert (method.layerwise_decay is not None) == (decay != 1.0)
+  params = _tiny_tree(efficientnet_params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  opt_state = tx.init(params)
+  update = jax.jit(tx.update)
+  group = lambda m: ("classifier" if m == "classifier" else
+                     "last" if m in LAST else "rest")
+  for t in range(12):
+    updates, opt_state = update(grads, opt_state, params)
+    for module, leaf in updates.items():
+      p = periods[group(module)]
+      rate = slow if group(module) == "rest" else fast
+      n = t // p
+      cosine = 0.5 * (1 + np.cos(np.pi * min(n / (steps / p), 1.0)))
+      trace = sum(momentum ** i for i in range(n + 1))
+      expected = -rate * cosine * trace / p * decay ** DEPTH[module]
+      np.testing.assert_allclose(np.asarray(leaf["kernel"]), expected,
+                                 rtol=1e-5, err_msg=f"{module} at step {t}")
 
 
 def test_llrd_depths(efficientnet_params):
