@@ -50,3 +50,12 @@ def hlo_op_count(lowered, op: str) -> int:
   """How many ``op`` instructions the compiled program of ``lowered`` has."""
   text = lowered.compile().as_text()
   return len(re.findall(rf"= \S+ {op}\(", text))
+
+
+def input_output_aliases(lowered) -> dict[int, int]:
+  """``{output: parameter}`` of the compiled program of ``lowered``: the
+  outputs written into the buffer of a (donated) parameter, each numbered in
+  the flat order of its tree."""
+  header = lowered.compile().as_text().split("\n", 1)[0]
+  return {int(output): int(parameter) for output, parameter in re.findall(
+      r"\{(\d+)\}: \((\d+), \{\}, (?:may|must)-alias\)", header)}

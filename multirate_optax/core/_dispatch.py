@@ -120,10 +120,18 @@ class PhaseDispatch:
     self._step_of_phase = step_of_phase
     self._state_argnum = state_argnum
     self._donated = bool(donate_argnums)
-    self._switch_program = jax.jit(self.switch, donate_argnums=donate_argnums)
+    # keep_unused: jit drops the arguments a program does not read (on a
+    # step that updates a group with drift, its held updates) and then pairs
+    # each output with the first donated argument left of the same shape and
+    # dtype, so that another group's state (its momentum) is written into a
+    # buffer still to be read: XLA copies it, and the outputs without a
+    # buffer are allocated afresh, on every such step. Kept, every output
+    # reuses the buffer of the argument in its place.
+    self._switch_program = jax.jit(self.switch, donate_argnums=donate_argnums,
+                                   keep_unused=True)
     self._phase_program = jax.jit(
         self._host_step, static_argnums=0,
-        donate_argnums=tuple(i + 1 for i in donate_argnums))
+        donate_argnums=tuple(i + 1 for i in donate_argnums), keep_unused=True)
     self._host_count = HostCount(donated=self._donated)
 
   def _step_of_traced_phase(self, phase: int, *args) -> Sequence[Any]:

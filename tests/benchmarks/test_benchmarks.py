@@ -75,6 +75,9 @@ def test_step_speed_writes_its_table_as_json(tmp_path, capsys):
     assert g["ideal_ms"] == pytest.approx(
         sum(ph["share"] * ph["t_plain_ms"] for ph in g["phases"]))
     assert g["efficiency"] == pytest.approx(g["ideal_ms"] / g["t_step_ms"])
+    assert g["efficiency_vs_plain_drift"] == pytest.approx(
+        sum(ph["share"] * ph["t_plain_drift_ms"] for ph in g["phases"])
+        / g["t_step_ms"])
     assert g["efficiency_vs_programs"] == pytest.approx(
         sum(ph["share"] * ph["t_program_ms"] for ph in g["phases"])
         / g["t_step_ms"])

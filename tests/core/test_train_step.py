@@ -14,6 +14,7 @@ import pytest
 
 import multirate_optax as mo
 from _models import HEAD_FAST, batches, is_fast, mlp_loss, mlp_params
+from _probes import input_output_aliases
 from _reference import multirate_sgd
 
 H, MU, STEPS = 0.2, 0.9, 22
@@ -182,6 +183,30 @@ def test_auto_dispatch():
       "host" if jax.default_backend() == "cpu" else "cond")
   with pytest.raises(ValueError, match="dispatch must be"):
     mo.train_step(mlp_loss, multirate_sgd_tx(2), dispatch="device")
+
+
+
+@pytest.mark.parametrize("dispatch", ["cond", "host"])
+def test_a_donated_state_is_updated_in_place_in_every_phase(dispatch):
+  # Three groups with drift: the step that updates every group does not read
+  # their held updates. Were those arguments dropped from its program, jit
+  # would write the backbone's new held update into the buffer of the top
+  # group's momentum (same shape), which XLA must then copy, and allocate
+  # the outputs left without a buffer afresh. Every output must instead
+  # reuse the buffer of the argument in its place, in every program.
+  tx = mo.multirate_groups(
+      optax.sgd(0.1, momentum=0.9),
+      labels={"layer0": "backbone", "layer1": "top", "head": "head"},
+      periods={"head": 1, "top": 2, "backbone": 6})
+  params = mlp_params()
+  opt_state = tx.init(params)
+  step = mo.train_step(mlp_loss, tx, dispatch=dispatch, donate=True)
+  args = (params, opt_state, batches(1)[0])
+  donated = len(jax.tree.leaves((params, opt_state)))
+  in_place = {i: i for i in range(donated)}
+  phases = range(3) if dispatch == "host" else [None]
+  for phase in phases:
+    assert input_output_aliases(step.program(*args, phase=phase)) == in_place
 
 
 # optax's wrappers that hold an inner state and advance it once per update:
