@@ -57,7 +57,7 @@ from experiments.finetune.tasks import TASKS
 RESULTS = Path(__file__).resolve().parent / "results"
 # Validation points per run unless --evaluations says otherwise (the
 # sweeps in docs/benchmarks/budget_sweep.md ran with these).
-EVALUATIONS = {"vision": 12, "mnist": 12, "text": 8}
+EVALUATIONS = {"vision": 12, "mnist": 12, "text": 8, "trec": 8}
 # The methods swept, per task: train-all, the baselines of the targets and
 # the multirate variants among which validation chooses.
 SWEPT = {
