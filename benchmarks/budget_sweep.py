@@ -137,7 +137,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                       "20 epochs of the time protocol's full run")
   parser.add_argument("--evaluations", type=int,
                       help="validation points per run (default vision and "
-                      "mnist 12, text 8)")
+                      "mnist 12, text and trec 8)")
   parser.add_argument("--methods", help="comma-separated (default: the "
                       "task's swept methods)")
   parser.add_argument("--grid", action="store_true",
@@ -183,6 +183,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       split_sizes=_split_sizes(task, args.quick, args.validation_size),
       evaluations=args.evaluations or EVALUATIONS[task.name],
       bucketing=not args.no_bucketing)
+  if args.grid and (args.budget_major or args.method_fractions
+                    or args.from_partial):
+    parser.error("--budget-major, --method-fractions and --from-partial are "
+                 "for a sweep of methods, not with --grid.")
+  if args.from_partial and not args.name:  # Not over the finished sweep's.
+    args.name = args.from_partial.name.removesuffix(".json").removesuffix(
+        ".partial")
   name = args.name or (f"budget_sweep_{task.name}"
                        f"{'_grid' if args.grid else ''}"
                        f"{'_quick' if args.quick else ''}")
@@ -224,8 +231,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if not any(m.train_all for m in methods):  # Train-all for T sets T.
       methods += [m for m in task.methods_in(settings) if m.train_all]
     if args.budget_major:
-      order = list(dict.fromkeys(
-          [*fractions, *(f for fs in own.values() for f in fs)]))
+      order = list(dict.fromkeys(  # 1.0: train-all for T, if not swept.
+          [*fractions, *(f for fs in own.values() for f in fs), 1.0]))
       methods.sort(key=lambda m: (order.index(m.budget_fraction),
                                   names.index(m.name.split("@")[0])))
     recipes = ("one rate per method, the time protocol's selection on "

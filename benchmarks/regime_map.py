@@ -63,7 +63,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from benchmarks.budget_sweep import RESULTS
+from benchmarks.budget_sweep import EVALUATIONS, RESULTS
 from experiments.compilation_cache import (
     add_compilation_cache_arguments, compilation_cache_directory,
     enable_compilation_cache)
@@ -449,8 +449,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   parser.add_argument("--image-size", type=int,
                       help="image side (default the task's, 32)")
   parser.add_argument("--evaluations", type=int,
-                      help="validation points per run (default the task's "
-                      "quick settings')")
+                      help="validation points per run (default the budget "
+                      "sweep's: 12 for vision and mnist)")
   parser.add_argument("--timing-repeats", type=int,
                       help="interleaved timing blocks (default 6; quick 2)")
   parser.add_argument("--clock", choices=("wall", "process"),
@@ -468,7 +468,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
       task.quick, epochs=1 if args.quick else args.epochs,
       seeds=tuple(range(1 if args.quick else args.seeds)), clock=args.clock,
       quick=args.quick, image_size=args.image_size or task.quick.image_size,
-      evaluations=args.evaluations or task.quick.evaluations)
+      evaluations=args.evaluations or EVALUATIONS[task.name])
   periods = (_numbers(args.periods, int) if args.periods
              else (SELECTED_PERIOD,) if args.quick else PERIODS)
   result = run_regime_map(

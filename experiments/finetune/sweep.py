@@ -249,9 +249,10 @@ def check_sweep_targets(table: Mapping[str, Mapping[str, Mapping[str, Any]]],
   """The issue's targets, with the multirate variant chosen on validation at
   each budget."""
 
-  def best_multirate(fraction: str) -> str:
-    return max(multirate, key=lambda name: table[name][fraction][
-        "validation_mean"])
+  def best_multirate(fraction: str) -> Optional[str]:
+    swept = [name for name in multirate if fraction in table.get(name, {})]
+    return max(swept, key=lambda name: table[name][fraction][
+        "validation_mean"]) if swept else None
 
   def compare(name: str, fraction: str, other: str, other_fraction: str,
               threshold: float, what: str) -> dict[str, Any]:
@@ -260,14 +261,14 @@ def check_sweep_targets(table: Mapping[str, Mapping[str, Mapping[str, Any]]],
                     {"target": what, "multirate": name, "against": other})
 
   rows = []
-  if "0.5" in table.get("train_all", {}):
+  if "0.5" in table.get("train_all", {}) and best_multirate("0.5"):
     chosen = best_multirate("0.5")
     rows.append(compare(chosen, "0.5", "train_all", "0.5", 0.0,
                         "at T/2, multirate >= train-all planned for T/2"))
     rows.append(compare(chosen, "0.5", "train_all", "1", -0.5,
                         "at T/2, multirate within 0.5 points of train-all "
                         "at T"))
-  if "0.25" in table.get("train_all", {}):
+  if "0.25" in table.get("train_all", {}) and best_multirate("0.25"):
     chosen = best_multirate("0.25")
     for other in table:
       if other not in multirate and "0.25" in table[other]:
