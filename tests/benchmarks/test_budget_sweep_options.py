@@ -77,3 +77,32 @@ def test_complete_budgets_keeps_budgets_every_baseline_has():
   assert kept == ["train_all", "train_all@0.5", "multirate_classifier@0.5",
                   "multirate_last_stage@0.5", "gradual_unfreezing@0.5",
                   "multirate_last_stage_llrd@0.5"]
+
+
+def test_budget_major_without_t_among_the_fractions(monkeypatch, tmp_path):
+  # Train-all for T is added when T is not swept, and goes last.
+  seen, _ = _planned(monkeypatch, tmp_path, "--methods",
+                     "train_all,multirate_last_stage", "--fractions", "0.5",
+                     "--budget-major")
+  assert seen["methods"] == [("train_all@0.5", 0.5),
+                             ("multirate_last_stage@0.5", 0.5),
+                             ("train_all", 1.0)]
+
+
+def test_grid_refuses_the_options_of_a_sweep_of_methods(capsys):
+  with pytest.raises(SystemExit):
+    budget_sweep.main(["--grid", "--budget-major"])
+  assert "not with --grid" in capsys.readouterr().err
+
+
+def test_targets_skip_a_budget_no_two_rate_multirate_has():
+  from experiments.finetune.sweep import check_sweep_targets
+
+  def cell(accuracy):
+    return {"test": [accuracy], "test_correct": [None],
+            "validation_mean": 100 * accuracy}
+
+  table = {"train_all": {"0.5": cell(.8), "0.25": cell(.7), "1": cell(.9)},
+           "multirate_last_stage": {"0.5": cell(.85)}}
+  targets = check_sweep_targets(table, 100, ["multirate_last_stage"])
+  assert [t["target"].split(",")[0] for t in targets] == ["at T/2", "at T/2"]
