@@ -196,12 +196,12 @@ def test_train_buckets_are_those_the_seeds_batches_use(mixed_examples):
 
 
 def test_the_flag_turns_bucketing_off(monkeypatch):
-  _, settings, _, _ = parse_args(["--task", "text"])
+  _, settings, *_ = parse_args(["--task", "text"])
   assert settings.bucketing
   assert TEXT.length_buckets(settings).lengths == (8, 16, 24, 32, 40, 48)
-  _, settings, _, _ = parse_args(["--task", "text", "--max-length", "20"])
+  _, settings, *_ = parse_args(["--task", "text", "--max-length", "20"])
   assert TEXT.length_buckets(settings).lengths == (8, 16, 20)
-  _, settings, _, _ = parse_args(["--task", "text", "--no-bucketing"])
+  _, settings, *_ = parse_args(["--task", "text", "--no-bucketing"])
   assert not settings.bucketing and TEXT.length_buckets(settings) is None
   assert "no bucketing" in TEXT.describe(settings)
   assert VISION.length_buckets(VISION.quick) is None

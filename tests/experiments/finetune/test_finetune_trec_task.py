@@ -37,7 +37,7 @@ def test_everything_but_the_data_is_the_text_tasks():
 
 
 def test_the_command_lines_take_the_task():
-  task, settings, _, data = parse_args(["--task", "trec", "--full"])
+  task, settings, _, data, _ = parse_args(["--task", "trec", "--full"])
   assert task is TREC and settings.task == "trec" and data is None
   assert settings.max_length == 32 and settings.seeds == (0, 1, 2)
   # The sweep's --validation-size cuts the validation split of either text
