@@ -221,8 +221,8 @@ def run_method(task: Task, method: Method, pretrained: Any, splits: Splits,
     score = (lambda trained: correct(
         predict, trained, splits.test, eval_batch_size,
         buckets=eval_buckets)) if test_split else None
-    return [tested(run, seed, seed_plan, steps_per_epoch, score,
-                   test_budget_only)
+    return [run_record(run, seed, seed_plan, steps_per_epoch, score,
+                       test_budget_only)
             for seed, seed_plan, run in trained_runs]
 
   result = {
@@ -241,9 +241,9 @@ def run_method(task: Task, method: Method, pretrained: Any, splits: Splits,
   return result
 
 
-def tested(run: Run, seed: int, plan: Plan, steps_per_epoch: int,
-           test: Optional[Callable[[PyTree], np.ndarray]],
-           budget_only: bool = False) -> dict[str, Any]:
+def run_record(run: Run, seed: int, plan: Plan, steps_per_epoch: int,
+               test: Optional[Callable[[PyTree], np.ndarray]],
+               budget_only: bool = False) -> dict[str, Any]:
   """A finished run's record, its kept checkpoints tested.
 
   Only the best-so-far checkpoints are kept by the run, so only they get a

@@ -111,12 +111,16 @@ class PhaseDispatch:
       outputs.
     dispatch: ``'auto'``, ``'cond'`` or ``'host'``.
     donate_argnums: the arguments whose buffers the step may reuse.
+    own_jit_hint: the adapter's own way to keep host dispatch inside a jitted
+      function of the user's, for :meth:`apply`'s warning (a sentence; empty:
+      the adapter has none).
   """
 
   def __init__(self, step_of_phase: Callable[..., Sequence[Any]], *,
                state_argnum: int, dispatch: Dispatch,
-               donate_argnums: tuple[int, ...]):
+               donate_argnums: tuple[int, ...], own_jit_hint: str = ""):
     self.dispatch = resolve_dispatch(dispatch)
+    self._own_jit_hint = own_jit_hint
     self._step_of_phase = step_of_phase
     self._state_argnum = state_argnum
     self._donated = bool(donate_argnums)
@@ -178,11 +182,11 @@ class PhaseDispatch:
           "apply runs every phase in one lax.switch program ('cond' "
           "dispatch), but this step was built for 'host' dispatch (what "
           "'auto' picks on CPU, where XLA runs convolution weight gradients "
-          "inside a conditional on a slow path, jax-ml/jax#12868). For your "
-          "own jitted NNX step with host dispatch, decorate it with "
-          "multirate_optax.nnx.jit and take gradients with multirate_optax."
-          "nnx.value_and_grad; otherwise call the step itself, or build it "
-          "with dispatch='cond' to use apply without this warning.",
+          "inside a conditional on a slow path, jax-ml/jax#12868). "
+          + (self._own_jit_hint + " Otherwise call" if self._own_jit_hint
+             else "Call")
+          + " the step itself outside your jit for host dispatch, or build "
+          "it with dispatch='cond' to use apply without this warning.",
           stacklevel=_first_caller_outside_package())
     return self.switch(*args)
 

@@ -383,7 +383,10 @@ class TrainStep:
           functools.partial(self._step_of_phase, tx, wrt, split.where,
                             split.graphdef, split.params, split.rest),
           state_argnum=1, dispatch=self.dispatch,
-          donate_argnums=(0, 1, 2, 3) if self._donate else ())
+          donate_argnums=(0, 1, 2, 3) if self._donate else (),
+          own_jit_hint="For your own jitted NNX step with host dispatch, "
+          "decorate it with multirate_optax.nnx.jit and take gradients with "
+          "multirate_optax.nnx.value_and_grad.")
     return self._dispatches[key]
 
   def _step_of_phase(self, tx: optax.GradientTransformation,
