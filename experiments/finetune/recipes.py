@@ -116,7 +116,8 @@ def runs_of_recipes(grids: RecipeGrids, settings: Settings,
     48
   """
   size = check_equal_sizes(grids)
-  return len(grids) * len(fractions) * (size + len(settings.seeds) - 1)
+  budgets = len(grids) * len(fractions) + (1 not in fractions)
+  return budgets * (size + len(settings.seeds) - 1)
 
 
 def run_recipe_sweep(
@@ -136,7 +137,9 @@ def run_recipe_sweep(
       ``grids`` gives the candidates).
     grids: the families' recipe grids (default the task's ``recipes``); one
       family must be ``'train_all'``, with plain train-all members.
-    fractions: the budgets, as fractions of ``T``; must include 1.
+    fractions: the budgets, as fractions of ``T``. Train-all runs at ``T``
+      (first: its time is ``T``) whether or not 1 is among them; the other
+      families only at these.
     splits, pretrained, clock: as for
       :func:`experiments.finetune.experiment.run_experiment`.
 
@@ -152,8 +155,6 @@ def run_recipe_sweep(
   if "train_all" not in grids:
     raise ValueError(f"the recipe grids need a 'train_all' family (its time "
                      f"is T); found {sorted(grids)}.")
-  if 1 not in fractions:
-    raise ValueError(f"fractions must include 1 (T itself), got {fractions}.")
   for member, _ in grids["train_all"]:
     if not task.method(member).train_all:
       raise ValueError(f"the train_all family's member {member!r} is not "

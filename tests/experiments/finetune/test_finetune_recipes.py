@@ -110,6 +110,21 @@ def test_the_sweep_table_reads_the_recipe_sweep(recipe_sweep):
   assert len(text.splitlines()) == 6 and "multirate at 0.5 T: " in text
 
 
+def test_without_t_among_the_fractions_only_train_all_runs_at_t(
+    tiny_pretrained, tiny_splits, tiny_settings):
+  settings = tiny_settings(VISION, image_size=8, seeds=(0,))
+  report = run_recipe_sweep(VISION, settings, GRIDS, (0.25,), tiny_splits,
+                            pretrained=tiny_pretrained())
+  names = [r["name"] for r in report["methods"]]
+  assert names == ["train_all", "train_all@0.25", "multirate@0.25",
+                   "train_classifier@0.25"]
+  # T, then each family at T/4: 2 candidates each, no further seed.
+  assert runs_of_recipes(GRIDS, settings, (0.25,)) == 8
+  assert sum(len(r["candidates"]) for r in report["methods"]) == 8
+  targets = sweep_report(report)["targets"]
+  assert [t["against"] for t in targets] == ["train_all", "train_classifier"]
+
+
 def test_choose_recipe_reads_validation_only():
   candidates = [{"validation_accuracy": 0.7, "test_accuracy": 1.0},
                 {"validation_accuracy": 0.9, "test_accuracy": 0.0}]
