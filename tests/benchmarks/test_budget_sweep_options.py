@@ -106,3 +106,23 @@ def test_targets_skip_a_budget_no_two_rate_multirate_has():
            "multirate_last_stage": {"0.5": cell(.85)}}
   targets = check_sweep_targets(table, 100, ["multirate_last_stage"])
   assert [t["target"].split(",")[0] for t in targets] == ["at T/2", "at T/2"]
+
+
+def test_the_t4_target_compares_multirate_with_the_baselines_only():
+  """Issue 18's T/4 target is against train-all and the baselines; issue
+  19's timetables are compared with two-rate multirate by their own target,
+  not counted as baselines."""
+  from experiments.finetune.sweep import check_sweep_targets
+
+  def cell(accuracy):
+    return {"test": [accuracy], "test_correct": [None],
+            "validation_mean": 100 * accuracy}
+
+  table = {"train_all": {"0.25": cell(.7)},
+           "multirate_last_stage": {"0.25": cell(.85)},
+           "train_last_stage": {"0.25": cell(.8)},
+           "gradual_unfreezing": {"0.25": cell(.9)}}
+  targets = check_sweep_targets(table, 100, ["multirate_last_stage"],
+                                timetables=["gradual_unfreezing"])
+  assert [t["against"] for t in targets] == ["train_all", "train_last_stage"]
+  assert len(check_sweep_targets(table, 100, ["multirate_last_stage"])) == 3

@@ -193,6 +193,70 @@ def test_budgets_and_clock_of_a_whole_run_exclude_compilation_and_evaluation(
   assert results["multirate_classifier"]["probe_step_seconds"] == 1.0
 
 
+def test_compiling_ahead_compiles_each_program_once_and_changes_no_result(
+    tiny_pretrained, tiny_splits, tiny_settings, fake_clock, monkeypatch):
+  """Every method compiled side by side first (2 threads) gives the report
+  of the methods compiled one at a time: same plans, steps, validation and
+  test accuracies; and once the ahead phase is over nothing compiles (the
+  runs use the steps compiled ahead, and ``predict`` was compiled too)."""
+  from _probes import count_compilations
+  from experiments.finetune import experiment
+  real_make_step = selection.make_step
+  clock = fake_clock
+
+  def timed_make_step(*args):
+    step = real_make_step(*args)
+
+    def timed(*step_args):
+      clock.now += 1.0
+      return step(*step_args)
+
+    return timed
+
+  monkeypatch.setattr(selection, "make_step", timed_make_step)
+  methods = [BY_NAME[n] for n in ("train_all", "multirate_classifier",
+                                  "train_classifier")]
+  settings = tiny_settings(VISION, image_size=8)
+  pretrained = tiny_pretrained()
+
+  def run(compile_ahead):
+    return run_experiment(
+        VISION, dataclasses.replace(settings, compile_ahead=compile_ahead),
+        tiny_splits, methods=methods, pretrained=pretrained, clock=clock)
+
+  one_at_a_time = run(False)
+  ahead_over, real_compile_methods = [False], experiment.compile_methods
+
+  def spy_compile_methods(*args, **kwargs):
+    compiled = real_compile_methods(*args, workers=2)
+    assert sorted(compiled) == sorted(m.name for m in methods)
+    ahead_over[0] = True
+    return compiled
+
+  monkeypatch.setattr(experiment, "compile_methods", spy_compile_methods)
+  with count_compilations() as compilations:
+    before = []
+    real_run_method = experiment.run_method
+
+    def spy_run_method(*args, **kwargs):
+      if not before:
+        before.append(compilations[0])
+      assert kwargs["compiled"] is not None
+      return real_run_method(*args, **kwargs)
+
+    monkeypatch.setattr(experiment, "run_method", spy_run_method)
+    ahead = run(True)
+  assert ahead_over[0] and before[0] > 0  # The ahead phase compiled.
+  assert compilations[0] == before[0]  # Nothing after it.
+
+  def outcome(report):
+    return [(r["name"], [(run["planned_steps"], run["steps"],
+                          run["train_seconds"], run["points"])
+                         for run in r["runs"]]) for r in report["methods"]]
+
+  assert outcome(ahead) == outcome(one_at_a_time)
+
+
 def test_a_budgeted_run_re_plans_from_its_measured_speed(fake_clock):
   """The probe said 2 s a step, the steps take 1 s: at its first point the
   run re-plans to the budget's 20 steps and stretches its decay alike."""
