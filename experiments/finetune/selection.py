@@ -138,8 +138,8 @@ def compile_method(task: Task, method: Method, pretrained: Any,
   The optimizer's numbers live in its state, so the step serves every
   candidate's rates and every plan's length; thread-safe (tracing holds the
   GIL, XLA's compilation releases it), so methods can compile side by side
-  (:func:`experiments.finetune.experiment.run_experiment`'s
-  ``compile_ahead``).
+  (``Settings.compile_ahead``,
+  :func:`experiments.finetune.experiment.compile_methods`).
   """
   model, variables = task.fresh_variables(pretrained, settings.seeds[0],
                                           splits.num_classes)
@@ -171,7 +171,13 @@ def compile_predict(task: Task, pretrained: Any, splits: Splits,
   model, variables = task.fresh_variables(pretrained, settings.seeds[0],
                                           splits.num_classes)
   correct(shared_predict(task, model), variables, splits.validation,
-          4 * settings.batch_size, buckets=task.length_buckets(settings))
+          evaluation_batch_size(settings),
+          buckets=task.length_buckets(settings))
+
+
+def evaluation_batch_size(settings: Settings) -> int:
+  """Examples per evaluation batch: four train batches (no gradients)."""
+  return 4 * settings.batch_size
 
 
 def run_method(task: Task, method: Method, pretrained: Any, splits: Splits,
@@ -223,7 +229,7 @@ def run_method(task: Task, method: Method, pretrained: Any, splits: Splits,
                                                        settings, steps)
   candidates = rate_candidates(settings.grids[method.name])
   predict = shared_predict(task, compiled.model)
-  eval_batch_size = 4 * settings.batch_size
+  eval_batch_size = evaluation_batch_size(settings)
   step_seconds = None if budgets is None else probe(
       step, method, optimizer(candidates[0], epoch_steps),
       task.fresh_variables(pretrained, first_seed, splits.num_classes)[1],
