@@ -91,17 +91,12 @@ def parse_args(
                       "other jobs on a shared machine disturb much less")
   parser.add_argument("--out", type=Path, default=Path("results/finetune"),
                       help="output directory (default results/finetune)")
-  parser.add_argument("--no-compile-ahead", action="store_true",
-                      help="compile each method's programs just before its "
-                      "runs (default: every method's first, side by side on "
-                      "the machine's cores; the results are the same)")
   add_compilation_cache_arguments(parser)
   args = parser.parse_args(argv)
   task = TASKS[args.task]
   settings = task.full if args.full else task.quick
   overrides = {"bn": args.bn, "clock": args.clock,
-               "bucketing": not args.no_bucketing,
-               "compile_ahead": not args.no_compile_ahead}
+               "bucketing": not args.no_bucketing}
   if args.epochs is not None:
     overrides["epochs"] = args.epochs
   if args.seeds is not None:

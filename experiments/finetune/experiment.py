@@ -1,16 +1,11 @@
 """The whole experiment: every method of a task on one data set, in one report.
 
 Train-all runs first: its training time on each seed is every other method's
-budget on that seed (:mod:`experiments.finetune.budget`). With
-``Settings.compile_ahead``, every method's programs are compiled before the first run,
-side by side on the machine's cores (on the 2-core CPU of the quick run, the
-cores are otherwise mostly not both busy while one compiles); no training
-clock runs meanwhile, so what is measured does not change.
+budget on that seed (:mod:`experiments.finetune.budget`).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -23,8 +18,7 @@ import tqdm
 from experiments.data import Splits
 from experiments.finetune.reporting import (
     check_targets, describe, machine, summarise)
-from experiments.finetune.selection import (
-    CompiledMethod, compile_method, compile_predict, run_method, runs_of)
+from experiments.finetune.selection import run_method, runs_of
 from experiments.finetune.settings import Method, Settings
 from experiments.finetune.tasks import Task
 from experiments.finetune.training import Clock
@@ -44,12 +38,6 @@ def run_experiment(
     on_method: Optional[Callable[[dict[str, Any]], None]] = None,
 ) -> dict[str, Any]:
   """Runs every method; returns settings, machine, per-method results and summary.
-
-  With ``settings.compile_ahead``, every method's train step and the shared
-  ``predict`` are compiled first, in as many threads as the machine has
-  cores (:func:`compile_methods`), instead of each method's before its runs.
-  The results are the same; each method's ``compile_seconds`` then counts
-  the time its compilation shared the cores with the others'.
 
   Args:
     task: the task.
@@ -88,16 +76,10 @@ def run_experiment(
   with tqdm.tqdm(total=sum(runs_of(m, settings) for m in methods),
                  unit="run", desc=f"fine-tuning ({task.name})",
                  dynamic_ncols=True) as progress:
-    compiled = {}
-    if settings.compile_ahead:
-      progress.set_postfix_str(f"compiling {len(methods)} methods ahead")
-      compiled = compile_methods(task, methods, pretrained, splits, settings,
-                                 clock)
     for method in methods:
       result = run_method(task, method, pretrained, splits, settings,
                           None if method.train_all else budgets, progress,
-                          clock, test_budget_only=test_budget_only,
-                          compiled=compiled.get(method.name))
+                          clock, test_budget_only=test_budget_only)
       if method.train_all:
         budgets = {run["seed"]: run["train_seconds"] for run in result["runs"]}
       results.append(result)
@@ -108,23 +90,6 @@ def run_experiment(
   summary = None if test_budget_only else summarise(results)
   return report(results, summary, None if summary is None else
                 check_targets(summary, task.name))
-
-
-def compile_methods(task: Task, methods: Sequence[Method], pretrained: Any,
-                    splits: Splits, settings: Settings, clock: Clock,
-                    workers: Optional[int] = None,
-                    ) -> dict[str, CompiledMethod]:
-  """Every method's train step compiled (:func:`compile_method`), and the
-  shared ``predict`` (:func:`compile_predict`), in ``workers`` threads
-  (default the machine's cores); by method name."""
-  workers = (os.cpu_count() or 1) if workers is None else workers
-  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-    predict = pool.submit(compile_predict, task, pretrained, splits, settings)
-    futures = {method.name: pool.submit(compile_method, task, method,
-                                        pretrained, splits, settings, clock)
-               for method in methods}
-    predict.result()
-    return {name: future.result() for name, future in futures.items()}
 
 
 def _report(task: Task, settings: Settings, splits: Splits, data_name: str,

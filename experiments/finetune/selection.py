@@ -11,7 +11,6 @@ after selection, and only those of the reported runs.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import math
@@ -22,15 +21,15 @@ from typing import Any, Optional
 import numpy as np
 import tqdm
 
-from experiments.data import LengthBuckets, Splits
+from experiments.data import Splits
 from experiments.finetune.budget import (
     chosen_index, evaluation_interval, pack_correct, planned_steps, step_cap)
 from experiments.finetune.settings import (
     Method, Rates, Settings, share_updated_every_step)
 from experiments.finetune.tasks import Task
 from experiments.finetune.training import (
-    Clock, Plan, Run, correct, make_step, probe, train_and_evaluate,
-    train_buckets, warm_up)
+    Clock, Plan, Run, correct, make_step, train_and_evaluate, train_buckets,
+    warm_up)
 
 PyTree = Any
 
@@ -115,78 +114,12 @@ def probe_steps(method: Method, settings: Settings) -> int:
   return method.period_in(settings) if method.timetabled else 3
 
 
-@dataclasses.dataclass(frozen=True)
-class CompiledMethod:
-  """A method's train step with every program compiled
-  (:func:`compile_method`), and what its runs need to use it as compiled."""
-  step: Callable[..., Any]
-  model: Any
-  share_updated_every_step: float
-  epoch_steps: int
-  buckets: Optional[LengthBuckets]  # the train batches'
-  eval_buckets: Optional[LengthBuckets]
-  compile_seconds: float
-
-
-def compile_method(task: Task, method: Method, pretrained: Any,
-                   splits: Splits, settings: Settings,
-                   clock: Clock = time.perf_counter) -> CompiledMethod:
-  """Builds ``method``'s train step and compiles all its programs (every
-  phase at every train bucket) on a throwaway copy of the first seed's
-  variables (:func:`~experiments.finetune.training.warm_up`).
-
-  The optimizer's numbers live in its state, so the step serves every
-  candidate's rates and every plan's length; thread-safe (tracing holds the
-  GIL, XLA's compilation releases it), so methods can compile side by side
-  (``Settings.compile_ahead``,
-  :func:`experiments.finetune.experiment.compile_methods`).
-  """
-  model, variables = task.fresh_variables(pretrained, settings.seeds[0],
-                                          splits.num_classes)
-  share = share_updated_every_step(method, variables["params"])
-  steps_per_epoch = len(splits.train.labels) // settings.batch_size
-  epoch_steps = max(1, round(settings.epochs * steps_per_epoch))
-  optimizer = task.make_optimizer(
-      method, rate_candidates(settings.grids[method.name])[0], settings,
-      epoch_steps)
-  step = make_step(method, task.make_loss(model, settings), optimizer,
-                   variables["params"])
-  # Token inputs: evaluation batches at every bucket, train batches at the
-  # buckets their seeds' batches need; every train program compiled here.
-  eval_buckets = task.length_buckets(settings)
-  buckets = None if eval_buckets is None else train_buckets(
-      eval_buckets, splits.train, settings.batch_size, settings.seeds,
-      step_cap(epoch_steps, settings.max_epochs_factor))
-  compile_seconds, _ = warm_up(step, method, optimizer, variables,
-                               splits.train, settings.batch_size, clock=clock,
-                               buckets=buckets)
-  return CompiledMethod(step, model, share, epoch_steps, buckets,
-                        eval_buckets, compile_seconds)
-
-
-def compile_predict(task: Task, pretrained: Any, splits: Splits,
-                    settings: Settings) -> None:
-  """Compiles the task's shared ``predict`` (:func:`shared_predict`) at every
-  bucket the validation split needs, by one pass over it."""
-  model, variables = task.fresh_variables(pretrained, settings.seeds[0],
-                                          splits.num_classes)
-  correct(shared_predict(task, model), variables, splits.validation,
-          evaluation_batch_size(settings),
-          buckets=task.length_buckets(settings))
-
-
-def evaluation_batch_size(settings: Settings) -> int:
-  """Examples per evaluation batch: four train batches (no gradients)."""
-  return 4 * settings.batch_size
-
-
 def run_method(task: Task, method: Method, pretrained: Any, splits: Splits,
                settings: Settings, budgets: Optional[Mapping[int, float]],
                progress: tqdm.tqdm,
                clock: Clock = time.perf_counter,
                test: bool = True,
-               test_budget_only: bool = False,
-               compiled: Optional[CompiledMethod] = None) -> dict[str, Any]:
+               test_budget_only: bool = False) -> dict[str, Any]:
   """Selects the method's rates on validation, then trains and tests each seed.
 
   Args:
@@ -208,8 +141,6 @@ def run_method(task: Task, method: Method, pretrained: Any, splits: Splits,
     test_budget_only: test only the checkpoint each run reports at its own
       budget (the budget sweep reads nothing else), not every best-so-far
       one (which the time protocol reads at earlier budgets).
-    compiled: the method's step compiled ahead (:func:`compile_method`, with
-      these ``settings`` and ``splits``); ``None`` compiles it here.
 
   Returns:
     Name, label, selected rates, the selection's scores, compile and probe
@@ -218,22 +149,29 @@ def run_method(task: Task, method: Method, pretrained: Any, splits: Splits,
     and its training seconds.
   """
   first_seed = settings.seeds[0]
-  if compiled is None:
-    progress.set_postfix_str(f"{method.name}: compiling")
-    compiled = compile_method(task, method, pretrained, splits, settings,
-                              clock)
-  step, epoch_steps = compiled.step, compiled.epoch_steps
-  buckets, eval_buckets = compiled.buckets, compiled.eval_buckets
+  model, variables = task.fresh_variables(pretrained, first_seed,
+                                          splits.num_classes)
+  share = share_updated_every_step(method, variables["params"])
   steps_per_epoch = len(splits.train.labels) // settings.batch_size
+  epoch_steps = max(1, round(settings.epochs * steps_per_epoch))
   optimizer = lambda rates, steps: task.make_optimizer(method, rates,
                                                        settings, steps)
   candidates = rate_candidates(settings.grids[method.name])
-  predict = shared_predict(task, compiled.model)
-  eval_batch_size = evaluation_batch_size(settings)
-  step_seconds = None if budgets is None else probe(
-      step, method, optimizer(candidates[0], epoch_steps),
-      task.fresh_variables(pretrained, first_seed, splits.num_classes)[1],
-      splits.train, settings.batch_size, probe_steps(method, settings),
+  step = make_step(method, task.make_loss(model, settings),
+                   optimizer(candidates[0], epoch_steps), variables["params"])
+  predict = shared_predict(task, model)
+  eval_batch_size = 4 * settings.batch_size
+  # Token inputs: evaluation batches at every bucket, train batches at the
+  # buckets their seeds' batches need; every train program compiled here.
+  eval_buckets = task.length_buckets(settings)
+  buckets = None if eval_buckets is None else train_buckets(
+      eval_buckets, splits.train, settings.batch_size, settings.seeds,
+      step_cap(epoch_steps, settings.max_epochs_factor))
+  progress.set_postfix_str(f"{method.name}: compiling")
+  compile_seconds, step_seconds = warm_up(
+      step, method, optimizer(candidates[0], epoch_steps), variables,
+      splits.train, settings.batch_size,
+      probe_steps=0 if budgets is None else probe_steps(method, settings),
       clock=clock, buckets=buckets)
 
   def plan(seed: int) -> Plan:
@@ -292,10 +230,9 @@ def run_method(task: Task, method: Method, pretrained: Any, splits: Splits,
       "multirate": method.multirate, "train_all": method.train_all,
       "rates": rates, "selection": selection,
       "runs": test_runs(test_split=test),
-      "compile_seconds": compiled.compile_seconds,
-      "probe_step_seconds": step_seconds,
+      "compile_seconds": compile_seconds, "probe_step_seconds": step_seconds,
       "train_bucket_lengths": None if buckets is None else buckets.lengths,
-      "share_updated_every_step": compiled.share_updated_every_step,
+      "share_updated_every_step": share,
   }
   if test:
     trained_runs.clear()

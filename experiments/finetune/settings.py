@@ -152,10 +152,6 @@ class Settings:
       ``max_length``; the train batches hold the same texts in the same
       order (:mod:`experiments.finetune.tasks.text`). ``False``: every batch
       at ``max_length``.
-    compile_ahead: compile every method's programs before the first run,
-      side by side on the machine's cores, rather than each method's just
-      before its runs (:func:`experiments.finetune.experiment.run_experiment`);
-      the results are the same.
   """
   task: str
   epochs: float
@@ -177,7 +173,6 @@ class Settings:
   split_sizes: Optional[tuple[Optional[int], Optional[int],
                               Optional[int]]] = None
   bucketing: bool = True
-  compile_ahead: bool = False
 
   def __post_init__(self):
     if self.task not in ("vision", "mnist", "text", "trec"):

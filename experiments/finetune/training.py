@@ -11,9 +11,9 @@ buffers); multirate uses :func:`multirate_optax.train_step`, whose fast steps
 differentiate only the fast modules.
 
 Timing: every train-step program (each multirate phase) is compiled and run
-first on a throwaway copy of the state (:func:`warm_up`), then a few steps
-measure the step time a budgeted run first plans with (:func:`probe`); both
-times are reported separately. Training time is the wall-clock of the training loop (host
+first on a throwaway copy of the state (:func:`warm_up`), which also measures
+the step time a budgeted run first plans with; that time is reported
+separately. Training time is the wall-clock of the training loop (host
 batching included), blocked on the state at each evaluation point; the clock
 stops while the model is evaluated (:func:`train_and_evaluate`). A budgeted
 run re-plans its steps at each evaluation point from the speed measured so
@@ -210,35 +210,10 @@ def warm_up(step, method: Method, optimizer: optax.GradientTransformation,
   compile_seconds = clock() - start
   if not probe_steps:
     return compile_seconds, None
-  return compile_seconds, _timed_steps(step, params, opt_state, state, batch,
-                                       key, probe_steps, 2, clock)
-
-
-def probe(step, method: Method, optimizer: optax.GradientTransformation,
-          variables: Mapping[str, Any], data: Examples, batch_size: int,
-          steps: int, clock: Clock = time.perf_counter,
-          buckets: Optional[LengthBuckets] = None) -> float:
-  """The mean seconds of ``steps`` steps of ``step``, every program already
-  compiled (:func:`warm_up`), on ``variables`` (a throwaway copy) from the
-  timetable's first step, at the longest bucket: what :func:`warm_up`'s
-  probe measures, for a step compiled ahead of its method's runs."""
-  params, state = split_variables(variables)
-  inputs, labels = data[0][:batch_size], data[1][:batch_size]
-  if buckets is not None:
-    inputs = inputs[..., :buckets.lengths[-1]]
-  return _timed_steps(step, params,
-                      init_optimizer_state(method, optimizer, params), state,
-                      (inputs, labels), dropout_key(0), steps, 0, clock)
-
-
-def _timed_steps(step, params, opt_state, state, batch, key: jax.Array,
-                 steps: int, first: int, clock: Clock) -> float:
-  """The mean seconds of ``steps`` steps on ``batch``, numbered from
-  ``first``."""
   start = clock()
   jax.block_until_ready(run_steps(step, params, opt_state, state,
-                                  [batch] * steps, key, first=first))
-  return (clock() - start) / steps
+                                  [batch] * probe_steps, key, first=2))
+  return compile_seconds, (clock() - start) / probe_steps
 
 
 def phase_steps(timetable: mo.Timetable, limit: int = 1_000_000) -> list[int]:

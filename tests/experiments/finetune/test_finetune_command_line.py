@@ -2,7 +2,6 @@
 default, or the user's file)."""
 
 import csv
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,7 @@ from experiments.finetune.tasks import TEXT, VISION
 
 def test_the_task_option_picks_model_data_methods_and_settings():
   task, settings, out, data, cache = parse_args([])
-  assert task is VISION and settings == dataclasses.replace(
-      VISION.quick, compile_ahead=True)  # Every method compiled first.
-  assert not parse_args(["--no-compile-ahead"])[1].compile_ahead
+  assert task is VISION and settings == VISION.quick
   assert data is None and out == Path("results/finetune")
   assert cache == DEFAULT_DIRECTORY  # The persistent cache is on by default.
   task, settings, *_ = parse_args(["--task", "text", "--full"])
