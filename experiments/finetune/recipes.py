@@ -107,8 +107,9 @@ def family_name(family: str, fraction: float) -> str:
 
 def runs_of_recipes(grids: RecipeGrids, settings: Settings,
                     fractions: Sequence[float]) -> int:
-  """Training runs of a recipe sweep: per family and fraction, one per
-  candidate and one per further seed.
+  """Training runs of a recipe sweep: per family and fraction (and train-all
+  at ``T`` when 1 is not among the fractions), one per candidate and one per
+  further seed.
 
   Example:
     >>> from experiments.finetune.tasks import VISION

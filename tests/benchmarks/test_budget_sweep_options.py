@@ -95,12 +95,14 @@ def test_grid_refuses_the_options_of_a_sweep_of_methods(capsys):
   assert "not with --grid" in capsys.readouterr().err
 
 
+def cell(accuracy):
+  """A sweep-table cell of one seed, without per-example hits."""
+  return {"test": [accuracy], "test_correct": [None],
+          "validation_mean": 100 * accuracy}
+
+
 def test_targets_skip_a_budget_no_two_rate_multirate_has():
   from experiments.finetune.sweep import check_sweep_targets
-
-  def cell(accuracy):
-    return {"test": [accuracy], "test_correct": [None],
-            "validation_mean": 100 * accuracy}
 
   table = {"train_all": {"0.5": cell(.8), "0.25": cell(.7), "1": cell(.9)},
            "multirate_last_stage": {"0.5": cell(.85)}}
@@ -113,10 +115,6 @@ def test_the_t4_target_compares_multirate_with_the_baselines_only():
   19's timetables are compared with two-rate multirate by their own target,
   not counted as baselines."""
   from experiments.finetune.sweep import check_sweep_targets
-
-  def cell(accuracy):
-    return {"test": [accuracy], "test_correct": [None],
-            "validation_mean": 100 * accuracy}
 
   table = {"train_all": {"0.25": cell(.7)},
            "multirate_last_stage": {"0.25": cell(.85)},
